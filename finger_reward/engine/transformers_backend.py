@@ -1,0 +1,258 @@
+"""Answer probabilities from a Qwen2.5-VL (or Qwen3-VL) checkpoint with transformers.
+
+Every question about a video shares the token prefix "system turn + video" (prompts.py), and
+that prefix is almost all of the tokens. The engine encodes it once, keeps its KV cache, and
+runs all the video's questions as one batch of short suffixes on top of it (DESIGN.md, The
+engine). Text after the video takes 1-D positions offset by the model's own `rope_deltas`,
+so no mrope arithmetic is done by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from finger_reward import prompts
+from finger_reward.scoring import answer_probs, answer_token_ids
+from finger_reward.video import Clip
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Answers:
+    """The engine's output for one video: [P(Yes), P(No)] per question, and reasons in reason mode."""
+
+    probs: torch.Tensor  # (Q, 2), float32, on CPU
+    reasons: list[str] | None = None
+
+
+@dataclass
+class _Prefix:
+    """The encoded "system + video" prefix of one video: its KV cache per layer and rope offset."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+    rope_delta: torch.Tensor  # (1, 1)
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when a GPU is present, else CPU with float32; either can be overridden."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return device, dtype
+
+
+class TransformersEngine:
+    """Batched Yes/No answering over a shared video prefix.
+
+    `share_prefix=False` runs the plain one-question-per-forward loop instead: slower, and kept
+    as the reference the shared path is tested and benchmarked against.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        mode: str = "answer",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        question_batch_size: int = 32,
+        share_prefix: bool = True,
+    ):
+        self.model, self.processor = model.eval(), processor
+        self.tokenizer = processor.tokenizer
+        self.mode = prompts.check_mode(mode)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.question_batch_size, self.share_prefix = question_batch_size, share_prefix
+        self.split = prompts.split_prompt(processor, mode)
+        self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+        self.eos_ids |= {self.tokenizer.eos_token_id} - {None}
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, *, device=None, dtype=None, attn_implementation=None, **kw):
+        """Load a checkpoint directory or hub id with AutoModelForImageTextToText and AutoProcessor."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device, dtype = default_device_dtype(device, dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, **extra).to(device)
+        return cls(model, AutoProcessor.from_pretrained(model_id), **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def answer(self, clip: Clip, questions: list[str]) -> Answers:
+        """P(Yes)/P(No) (and reasons in reason mode) for each question about one video."""
+        if not questions:
+            return Answers(torch.zeros(0, 2), [] if self.mode == "reason" else None)
+        if not self.share_prefix:
+            return self._answer_plain(clip, questions)
+        prefix = self._encode_prefix(clip)
+        probs, reasons = [], []
+        for start in range(0, len(questions), self.question_batch_size):
+            chunk = [self._suffix_ids(q) for q in questions[start : start + self.question_batch_size]]
+            if self.mode == "answer":
+                probs.append(self._probs(self._extend(prefix, chunk)[0]))
+            else:
+                chunk_probs, chunk_reasons = self._reason(prefix, chunk)
+                probs.append(chunk_probs)
+                reasons += chunk_reasons
+        return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+
+    # ---- shared-prefix path ---------------------------------------------------------------------
+
+    def _model_inputs(self, text: str, clip: Clip) -> dict:
+        inputs = self.processor(
+            text=[text], videos=[clip.frames], video_metadata=[clip.metadata],
+            do_resize=False, return_tensors="pt",
+        )
+        return inputs.to(self.device)
+
+    def _encode_prefix(self, clip: Clip) -> _Prefix:
+        inputs = self._model_inputs(self.split.prefix, clip)
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return _Prefix(kv=kv, length=inputs["input_ids"].shape[1], rope_delta=self.model.model.rope_deltas.clone())
+
+    def _suffix_ids(self, question: str) -> list[int]:
+        return self.tokenizer.encode(self.split.text_after_video(question), add_special_tokens=False)
+
+    def _extend(self, prefix: _Prefix, suffixes: list[list[int]]):
+        """Run right-padded suffixes over per-row views of the prefix cache (see `_feed`)."""
+        from transformers import DynamicCache
+
+        rows = len(suffixes)
+        # expand() is a view: the prefix is materialised per row only when the cache grows.
+        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv])
+        mask = torch.ones(rows, prefix.length, dtype=torch.long, device=self.device)
+        start = torch.full((rows,), prefix.length, device=self.device)
+        return self._feed(cache, mask, start, prefix.rope_delta, suffixes)
+
+    def _feed(self, cache, mask, start, rope_delta, rows: list[list[int]]):
+        """One forward of a right-padded batch of token rows appended to `cache`.
+
+        Row i continues at text position `start[i]`; `mask` covers the cache so far. Returns each
+        row's logits at its last real token, the grown cache, the grown mask and the next positions.
+        Left padding would shift the positions, so padding goes on the right and is masked.
+        """
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, device=self.device)
+        offsets = torch.arange(width, device=self.device)[None]
+        mask = torch.cat([mask, (offsets < lengths[:, None]).long()], 1)
+        logits = self._forward(ids, mask, start[:, None] + offsets, rope_delta, cache)
+        last = logits[torch.arange(len(rows), device=self.device), lengths - 1]
+        return last, cache, mask, start + lengths
+
+    def _forward(self, ids, mask, positions, rope_delta, cache) -> torch.Tensor:
+        # Text tokens after the video share one position on all three mrope axes (t, h, w).
+        position_ids = (positions + rope_delta.to(positions.device))[None].expand(3, -1, -1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return out.logits
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return answer_probs(logits, self.yes_ids, self.no_ids).cpu()
+
+    # ---- reason mode: decode reasons for all questions at once, then read the answer -------------
+
+    def _reason(self, prefix: _Prefix, suffixes: list[list[int]]) -> tuple[torch.Tensor, list[str]]:
+        logits, cache, mask, next_pos = self._extend(prefix, suffixes)
+        rows = len(suffixes)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        pending = [None] * rows  # a chosen token not yet fed, once a row has stopped
+        for step in range(self.max_new_tokens):
+            tokens = self._pick(logits)
+            for i in range(rows):
+                if pending[i] is None:
+                    generated[i].append(int(tokens[i]))
+                    if self._stopped(generated[i]) or step == self.max_new_tokens - 1:
+                        pending[i] = generated[i][-1]
+            live = torch.tensor([p is None for p in pending], device=self.device)
+            if not live.any():
+                break
+            mask = torch.cat([mask, live.long()[:, None]], 1)
+            logits = self._forward(tokens[:, None], mask, next_pos[:, None], prefix.rope_delta, cache)[:, -1]
+            next_pos = next_pos + live.long()
+        # One more step: feed each row's last token plus whatever closes "</reason><answer>".
+        closing = [self._closing_ids(g) for g in generated]
+        last = self._feed(cache, mask, next_pos, prefix.rope_delta, closing)[0]
+        reasons = [extract_reason(self.tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
+        return self._probs(last), reasons
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        return torch.multinomial((logits.float() / self.temperature).softmax(-1), 1)[:, 0]
+
+    def _stopped(self, ids: list[int]) -> bool:
+        if ids[-1] in self.eos_ids:
+            return True
+        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
+        return tail.endswith(prompts.REASON_CLOSE) or tail.endswith(prompts.ANSWER_OPEN)
+
+    def _closing_ids(self, generated: list[int]) -> list[int]:
+        """Tokens to feed after the reason so the next token is the answer."""
+        text = self.tokenizer.decode(generated[-8:], skip_special_tokens=False)
+        if text.endswith(prompts.ANSWER_OPEN):
+            return generated[-1:]
+        keep = [] if generated[-1] in self.eos_ids else generated[-1:]
+        tail = prompts.ANSWER_OPEN if text.endswith(prompts.REASON_CLOSE) else prompts.REASON_CLOSE + prompts.ANSWER_OPEN
+        return keep + self.tokenizer.encode(tail, add_special_tokens=False)
+
+    # ---- reference path: one full forward (or generate) per question ---------------------------
+
+    def _answer_plain(self, clip: Clip, questions: list[str]) -> Answers:
+        probs, reasons = [], []
+        for q in questions:
+            inputs = self._model_inputs(self.split.prefix + self.split.text_after_video(q), clip)
+            if self.mode == "reason":
+                out = self.model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                    stop_strings=[prompts.REASON_CLOSE, prompts.ANSWER_OPEN], tokenizer=self.tokenizer,
+                )
+                generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+                reasons.append(extract_reason(self.tokenizer.decode(generated, skip_special_tokens=True)))
+                inputs = _append_text_tokens(inputs, generated[:-1] + self._closing_ids(generated))
+            probs.append(self._probs(self.model(**inputs, logits_to_keep=1).logits[:, -1]))
+        return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+
+
+def _append_text_tokens(inputs: dict, ids: list[int]) -> dict:
+    """Processor outputs with text tokens appended (for a full forward over prompt + reason)."""
+    extra = torch.tensor([ids], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+    grown = dict(inputs)
+    grown["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+    grown["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+    if "mm_token_type_ids" in inputs:
+        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    return grown
+
+
+def extract_reason(text: str) -> str:
+    """The text inside <reason>...</reason>, or everything before <answer> when tags are missing."""
+    start = text.find(prompts.REASON_OPEN)
+    body = text[start + len(prompts.REASON_OPEN) :] if start >= 0 else text
+    for tag in (prompts.REASON_CLOSE, prompts.ANSWER_OPEN):
+        if tag in body:
+            body = body[: body.index(tag)]
+    return body.strip()
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

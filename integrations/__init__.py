@@ -1,0 +1,1 @@
+"""Adapters that put FingerReward into other libraries' loops (TRL, verl, diffusers)."""

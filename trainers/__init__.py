@@ -1,0 +1,1 @@
+"""Trainers for the evaluator (SFT, GRPO) and generator-side loops."""
