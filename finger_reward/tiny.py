@@ -139,6 +139,12 @@ def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: 
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    # At the default init (std 0.02) a tiny model's output barely depends on its input, which
+    # would let position or masking bugs pass the tests; std 0.1 makes the context matter.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model.eval()

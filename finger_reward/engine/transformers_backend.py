@@ -3,8 +3,8 @@
 Every question about a video shares the token prefix "system turn + video" (prompts.py), and
 that prefix is almost all of the tokens. The engine encodes it once, keeps its KV cache, and
 runs all the video's questions as one batch of short suffixes on top of it (DESIGN.md, The
-engine). Text after the video takes 1-D positions offset by the model's own `rope_deltas`,
-so no mrope arithmetic is done by hand.
+engine). Text after the video takes 1-D positions that continue from the prefix's last
+position as the model's own rope index computes it, so no mrope arithmetic is done by hand.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _Prefix:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     length: int
-    rope_delta: torch.Tensor  # (1, 1)
+    rope_delta: torch.Tensor  # (1, 1): text position minus token index after the prefix
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -121,9 +121,19 @@ class TransformersEngine:
 
     def _encode_prefix(self, clip: Clip) -> _Prefix:
         inputs = self._model_inputs(self.split.prefix, clip)
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        # The model's own rope index gives the prefix's 3-D positions. The first text token after
+        # it sits one past the last prefix token (a text token), which is not always one past the
+        # prefix maximum (the video's temporal positions can reach beyond), so the model's cached
+        # `rope_deltas` for the prefix alone would be wrong here.
+        position_ids, _ = self.model.model.get_rope_index(
+            input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            attention_mask=inputs["attention_mask"],
+        )
+        out = self.model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return _Prefix(kv=kv, length=inputs["input_ids"].shape[1], rope_delta=self.model.model.rope_deltas.clone())
+        length = inputs["input_ids"].shape[1]
+        return _Prefix(kv=kv, length=length, rope_delta=position_ids[0, :, -1:] + 1 - length)
 
     def _suffix_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.split.text_after_video(question), add_special_tokens=False)
