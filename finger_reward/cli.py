@@ -105,7 +105,7 @@ def _demo(args) -> int:
           file=sys.stderr)
     reward = _load_reward(args, model, world.bank_path)
     clips = world.clips
-    return _report(reward.score([c.path for c in clips], [c.prompt for c in clips]), as_json=args.json)
+    return _report(reward.score([c.path for c in clips], [c.prompt for c in clips]), as_json=args.json, details=False)
 
 
 def _make_tiny(args) -> int:
@@ -115,17 +115,19 @@ def _make_tiny(args) -> int:
     return 0
 
 
-def _report(results, as_json: bool) -> int:
-    failed = 0
+def _report(results, as_json: bool, details: bool = True) -> int:
+    """Print results (JSON lines, or tables); failures go to stderr, one line each, and exit 1."""
     for result in results:
         if not result.ok:
-            failed += 1
             print(f"finger-reward: error: {result.error}", file=sys.stderr)
         elif as_json:
             print(json.dumps(result.to_dict()))
-        else:
+        elif details:
             print(format_table(result))
-    return 1 if failed else 0
+    scored = [r for r in results if r.ok]
+    if not as_json and scored and (len(scored) > 1 or not details):
+        print(format_summary(scored))
+    return 0 if len(scored) == len(results) else 1
 
 
 def format_table(result) -> str:
@@ -142,6 +144,17 @@ def format_table(result) -> str:
         if q.reason:
             lines.append(f"          reason: {q.reason}")
     return "\n".join(lines) + "\n"
+
+
+def format_summary(results) -> str:
+    """One row per video: overall and the five dimension scores."""
+    heads = ["overall"] + [d.split("_")[0][:8] for d in DIMENSIONS]
+    width = max(len(Path(r.video).name) for r in results)
+    lines = [f"{'video':<{width}}  " + "  ".join(f"{h:>8}" for h in heads)]
+    for r in results:
+        cells = [r.overall] + [r.dimensions.get(d, float("nan")) for d in DIMENSIONS]
+        lines.append(f"{Path(r.video).name:<{width}}  " + "  ".join(f"{c:8.3f}" for c in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

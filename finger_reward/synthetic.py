@@ -57,6 +57,7 @@ DEFECTS: dict[str, str] = {
 }
 BACKGROUND = (20, 22, 34)
 NOISE_STD = 60.0
+NOISE_BLOCK = 2
 BLUR_SIZE = 5
 _DIMENSION_OF = {defect: dimension for dimension, defect in DEFECTS.items()}
 
@@ -112,7 +113,7 @@ def render(
         frame[:] = BACKGROUND
         frame[_shape_mask(scene.shape, centers[k], radius, height, width)] = colors[k]
         if defect == "noise":
-            frame = _blur(frame, BLUR_SIZE) + rng.normal(0.0, NOISE_STD, frame.shape)
+            frame = _blur(frame, BLUR_SIZE) + _noise(rng, height, width)
         frames[k] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
     return frames
 
@@ -166,6 +167,13 @@ def _shape_mask(shape: str, center, radius: int, height: int, width: int) -> np.
     # triangle: apex at the top, base at the bottom, half-width growing linearly downwards
     inside_rows = np.abs(dy) <= radius
     return inside_rows & (np.abs(dx) <= (dy + radius) / 2 * 1.1)
+
+
+def _noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Gaussian noise (H, W, 3) in 2x2 blocks, coarse enough to survive H.264 and downscaling."""
+    block = NOISE_BLOCK
+    coarse = rng.normal(0.0, NOISE_STD, (-(-height // block), -(-width // block), 3))
+    return coarse.repeat(block, axis=0).repeat(block, axis=1)[:height, :width]
 
 
 def _blur(frame: np.ndarray, size: int) -> np.ndarray:

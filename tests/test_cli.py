@@ -1,0 +1,81 @@
+"""`finger-reward` run as a subprocess, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from finger_reward import DIMENSIONS, Question, QuestionBank
+
+PROMPT = "a red circle moves from left to right"
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "finger_reward.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory):
+    questions = [Question(PROMPT, dim, "red circle", f"Is the red circle fine in {dim}?", i % 2 == 0)
+                 for i, dim in enumerate(DIMENSIONS)]
+    return QuestionBank(questions).to_jsonl(tmp_path_factory.mktemp("cli") / "bank.jsonl")
+
+
+def test_score_json(tiny_model_dir, bank_path, mp4_paths):
+    done = run("score", *mp4_paths[:2], "--prompt", PROMPT, "--questions", bank_path, "--model", tiny_model_dir,
+               "--json", "--weights", "visual_quality=2,text_alignment=1")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["video"] for r in rows] == [str(p) for p in mp4_paths[:2]]
+    for row in rows:
+        assert set(row["dimensions"]) == set(DIMENSIONS) and len(row["questions"]) == 5
+        expected = (2 * row["dimensions"]["visual_quality"] + row["dimensions"]["text_alignment"]) / 3
+        assert row["overall"] == pytest.approx(expected)
+        assert {"p_yes", "p_no", "score", "answer", "positive"} <= set(row["questions"][0])
+
+
+def test_score_table_and_reason_mode(tiny_model_dir, bank_path, mp4_paths):
+    done = run("score", mp4_paths[0], "--prompt", PROMPT, "--questions", bank_path, "--model", tiny_model_dir,
+               "--mode", "reason", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert "overall:" in done.stdout and "reason:" in done.stdout and "text_alignment" in done.stdout
+
+
+def test_bad_inputs_exit_nonzero_with_one_line(tiny_model_dir, bank_path, mp4_paths, tmp_path):
+    missing = tmp_path / "nope.mp4"
+    done = run("score", mp4_paths[0], missing, "--prompt", PROMPT, "--questions", bank_path, "--model", tiny_model_dir, "--json")
+    assert done.returncode == 1
+    assert len(done.stdout.splitlines()) == 1  # the good video is still scored
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finger-reward: error")]
+    assert len(errors) == 1 and "nope.mp4" in errors[0] and "file not found" in errors[0]
+
+    done = run("score", mp4_paths[0], "--prompt", PROMPT, "--questions", tmp_path / "none.jsonl", "--model", tiny_model_dir)
+    assert done.returncode == 2 and "none.jsonl" in done.stderr and "Traceback" not in done.stderr
+
+    done = run("score", mp4_paths[0], "--prompt", PROMPT, "--questions", bank_path, "--weights", "colour=1",
+               "--model", tiny_model_dir)
+    assert done.returncode == 2 and "colour=1" in done.stderr
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FINGER_REWARD_MODEL"}
+    done = run("score", mp4_paths[0], "--prompt", PROMPT, "--questions", bank_path, env=env)
+    assert done.returncode == 2 and "--model" in done.stderr
+
+
+def test_demo_json(tmp_path):
+    done = run("demo", "--out", tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 6 and all(0 <= r["overall"] <= 1 for r in rows)
+    assert {r["video"].rsplit("/", 1)[-1] for r in rows} >= {"0_clean.mp4", "0_frozen.mp4"}
+    assert (tmp_path / "tiny-model" / "config.json").is_file()
+
+
+def test_make_tiny_model(tmp_path):
+    done = run("make-tiny-model", tmp_path / "m")
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "qwen2_5_vl"
