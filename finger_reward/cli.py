@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("out_dir", help="directory to write the checkpoint to")
+    tiny.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny)
     return parser
@@ -111,7 +112,7 @@ def _demo(args) -> int:
 def _make_tiny(args) -> int:
     from finger_reward.tiny import make_tiny_model
 
-    print(make_tiny_model(args.out_dir, seed=args.seed))
+    print(make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed))
     return 0
 
 

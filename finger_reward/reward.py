@@ -91,8 +91,11 @@ class FingerReward:
             engine = TransformersEngine(model, processor, **engine_options)
         return cls(engine, questions=questions, **options)
 
-    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **kwargs) -> list[float]:
-        """One overall score per video (NaN for a failed video when on_error="nan")."""
+    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
+        """One overall score per video (NaN for a failed video when on_error="nan").
+
+        Extra keyword arguments that training loops pass to every reward_fn are accepted and unused.
+        """
         return [s.overall for s in self.score(videos, prompts)]
 
     def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
@@ -115,7 +118,7 @@ class FingerReward:
 
     def _score_one(self, video: Any, prompt: str, name: str) -> VideoScore:
         questions = self.bank.questions_for(prompt)
-        clip = load_video(video, name=name, **self.video_options)
+        clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
         answers = self.engine.answer(clip, [q.question for q in questions])
         return score_video(name, prompt, questions, answers.probs, answers.reasons,
                            aggregate=self.aggregate, weights=self.weights)

@@ -87,58 +87,60 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_processor(tokenizer=None):
-    """Qwen2.5-VL processor (image + video processors, tokenizer, chat template)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+ARCHITECTURES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not one of {ARCHITECTURES}")
+    return arch
+
+
+def build_processor(tokenizer=None, *, arch: str = "qwen2_5_vl"):
+    """The architecture's processor (image + video processors, tokenizer, chat template)."""
+    import transformers as tf
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
+    if _check_arch(arch) == "qwen3_vl":
+        parts = dict(image_processor=tf.Qwen2VLImageProcessor(patch_size=16), video_processor=tf.Qwen3VLVideoProcessor())
+        return tf.Qwen3VLProcessor(tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, **parts)
+    parts = dict(image_processor=tf.Qwen2VLImageProcessor(), video_processor=tf.Qwen2VLVideoProcessor())
+    return tf.Qwen2_5_VLProcessor(tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, **parts)
+
+
+def _config(arch: str, ids: dict[str, int], vocab_size: int, hidden_size: int, num_layers: int):
+    import transformers as tf
+
+    head_dim = hidden_size // 4
+    text = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        max_position_embeddings=32768, bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        # mrope_section must sum to head_dim / 2 (temporal, height, width).
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
     )
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if arch == "qwen3_vl":
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[1])
+        return tf.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+    vision.update(fullatt_block_indexes=[1], window_size=112)
+    return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
-def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A Qwen2.5-VL with a 2-block vision tower and a `num_layers` text decoder, random weights."""
+def build_model(tokenizer, *, arch: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A Qwen2.5-VL (or Qwen3-VL) with a 2-block vision tower and a `num_layers` text decoder, random weights."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    heads, head_dim = 4, hidden_size // 4
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            # mrope_section must sum to head_dim / 2 (temporal, height, width).
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=hidden_size,
-            fullatt_block_indexes=[1],
-            window_size=112,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    config = _config(_check_arch(arch), ids, len(tokenizer), hidden_size, num_layers)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     # At the default init (std 0.02) a tiny model's output barely depends on its input, which
     # would let position or masking bugs pass the tests; std 0.1 makes the context matter.
     with torch.no_grad():
@@ -150,12 +152,12 @@ def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: 
     return model.eval()
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny Qwen2.5-VL checkpoint directory (config, safetensors, tokenizer, processor)."""
+def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """Write a tiny checkpoint directory (config, safetensors, tokenizer, processor) that loads like a real one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
-    model = build_model(processor.tokenizer, seed=seed)
+    processor = build_processor(arch=arch)
+    model = build_model(processor.tokenizer, arch=arch, seed=seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -20,7 +20,7 @@ import torch
 
 from finger_reward.errors import VideoError
 
-PATCH_FACTOR = 28  # Qwen2.5-VL: patch size 14 x spatial merge 2
+PATCH_FACTOR = 28  # Qwen2.5-VL: patch size 14 x spatial merge 2 (Qwen3-VL: 16 x 2 = 32)
 VALUE_RANGES = ((0.0, 1.0), (-1.0, 1.0))
 _RANGE_TOL = 1e-3
 
@@ -58,6 +58,7 @@ def load_video(
     max_pixels: int = 448 * 448,
     value_range: tuple[float, float] = (0.0, 1.0),
     source_fps: float | None = None,
+    patch_factor: int = PATCH_FACTOR,
     name: str | None = None,
 ) -> Clip:
     """Turn any accepted video input into a `Clip`, raising `VideoError` naming `name` on bad input.
@@ -65,14 +66,19 @@ def load_video(
     Encoded videos are resampled from their own frame rate to `fps`. In-memory frames are taken
     as already sampled at `fps` unless `source_fps` says otherwise. At most `max_frames` frames
     are kept (evenly spread), and frames are resized, keeping aspect ratio, so that
-    H x W <= `max_pixels` with both sides multiples of 28 (the model's patch multiple).
+    H x W <= `max_pixels` with both sides multiples of `patch_factor` (the model's patch size
+    times its spatial merge).
     """
     name = name or describe(video, 0)
-    if fps <= 0 or max_frames < 1 or max_pixels < PATCH_FACTOR**2:
+    if not 0 < fps < math.inf or max_frames < 1 or max_pixels < patch_factor**2:
         raise ValueError(
-            f"need fps > 0, max_frames >= 1 and max_pixels >= {PATCH_FACTOR**2}; "
+            f"need fps > 0, max_frames >= 1 and max_pixels >= {patch_factor**2}; "
             f"got fps={fps}, max_frames={max_frames}, max_pixels={max_pixels}"
         )
+    if source_fps is not None and not 0 < source_fps < math.inf:
+        raise ValueError(f"source_fps must be a positive frame rate or None, got {source_fps}")
+    if tuple(value_range) not in VALUE_RANGES:
+        raise ValueError(f"value_range={value_range!r} must be one of {VALUE_RANGES}")
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
         reader = _open(video, name)
         indices, sampled_fps = sample_indices(reader.num_frames, reader.fps, fps, max_frames)
@@ -81,7 +87,7 @@ def load_video(
         frames = _frames_from_memory(video, name, value_range)
         indices, sampled_fps = sample_indices(frames.shape[0], source_fps or fps, fps, max_frames)
         frames = frames[indices]
-    return Clip(frames=_resize(frames, max_pixels, name), fps=sampled_fps, name=name)
+    return Clip(frames=_resize(frames, max_pixels, patch_factor, name), fps=sampled_fps, name=name)
 
 
 def sample_indices(num_frames: int, source_fps: float, fps: float, max_frames: int) -> tuple[list[int], float]:
@@ -98,6 +104,8 @@ def sample_indices(num_frames: int, source_fps: float, fps: float, max_frames: i
 
 def fit_size(height: int, width: int, max_pixels: int, factor: int = PATCH_FACTOR) -> tuple[int, int]:
     """(H, W) as multiples of `factor`, aspect ratio kept, H x W <= `max_pixels` (as Qwen's smart_resize)."""
+    if min(height, width) < 1:
+        raise ValueError(f"frame size {width}x{height} is empty")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio of {width}x{height} is over 200")
     h = max(factor, round(height / factor) * factor)
@@ -106,13 +114,18 @@ def fit_size(height: int, width: int, max_pixels: int, factor: int = PATCH_FACTO
         scale = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / scale / factor) * factor)
         w = max(factor, math.floor(width / scale / factor) * factor)
+        if h * w > max_pixels:  # the short side was raised to one patch: shrink the long side to fit
+            if h <= w:
+                w = max_pixels // (h * factor) * factor
+            else:
+                h = max_pixels // (w * factor) * factor
     return h, w
 
 
-def _resize(frames: torch.Tensor, max_pixels: int, name: str) -> torch.Tensor:
+def _resize(frames: torch.Tensor, max_pixels: int, factor: int, name: str) -> torch.Tensor:
     height, width = frames.shape[-2:]
     try:
-        size = fit_size(height, width, max_pixels)
+        size = fit_size(height, width, max_pixels, factor)
     except ValueError as err:
         raise VideoError(name, str(err)) from None
     if size == (height, width):
@@ -132,7 +145,10 @@ def _frames_from_memory(video: Any, name: str, value_range: tuple[float, float])
         return _frames_from_pil(video, name)
     if isinstance(video, np.ndarray):
         _check_rank(video.shape, name, "(T, H, W, C) for an array", channel_axis=-1)
-        tensor = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)
+        except TypeError:
+            raise VideoError(name, f"dtype {video.dtype} is not supported; expected uint8 or a float type") from None
     elif isinstance(video, torch.Tensor):
         _check_rank(tuple(video.shape), name, "(T, C, H, W) for a tensor", channel_axis=1)
         tensor = video.detach().cpu()
@@ -144,6 +160,8 @@ def _frames_from_memory(video: Any, name: str, value_range: tuple[float, float])
         )
     if tensor.shape[0] == 0:
         raise VideoError(name, "has zero frames")
+    if 0 in tensor.shape[2:]:
+        raise VideoError(name, f"has empty frames of height {tensor.shape[2]} and width {tensor.shape[3]}")
     if tensor.shape[1] == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.dtype == torch.uint8:
@@ -167,8 +185,6 @@ def _check_rank(shape: tuple, name: str, expected: str, channel_axis: int) -> No
 
 
 def _float_to_uint8(frames: torch.Tensor, name: str, value_range: tuple[float, float]) -> torch.Tensor:
-    if tuple(value_range) not in VALUE_RANGES:
-        raise ValueError(f"value_range={value_range!r} must be one of {VALUE_RANGES}")
     if not torch.isfinite(frames).all():
         raise VideoError(name, "contains NaN or infinite values")
     low, high = value_range

@@ -67,6 +67,26 @@ def test_reason_mode_probabilities_differ_from_answer_mode(tiny_model_and_proces
     assert (answer.probs - reason.probs).abs().max() > 1e-4
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen3_vl():
+    from finger_reward.tiny import build_model, build_processor
+
+    processor = build_processor(arch="qwen3_vl")
+    return build_model(processor.tokenizer, arch="qwen3_vl"), processor
+
+
+@pytest.mark.parametrize("mode", ["answer", "reason"])
+def test_qwen3_vl_shared_prefix_equals_plain(tiny_qwen3_vl, mode):
+    shared, plain = engines(tiny_qwen3_vl, mode=mode, max_new_tokens=6)
+    assert shared.patch_factor == 32  # Qwen3-VL: 16-pixel patches, 2x2 merge
+    clip = load_video(torch.rand(6, 3, 64, 96, generator=torch.Generator().manual_seed(2)),
+                      patch_factor=shared.patch_factor, name="qwen3")
+    fast, slow = shared.answer(clip, QUESTIONS), plain.answer(clip, QUESTIONS)
+    torch.testing.assert_close(fast.probs, slow.probs, atol=1e-4, rtol=0)
+    assert fast.reasons == slow.reasons
+    assert fast.probs[:, 0].std() > 1e-2
+
+
 def test_no_questions(tiny_model_and_processor, clips):
     shared, _ = engines(tiny_model_and_processor)
     assert shared.answer(clips[0], []).probs.shape == (0, 2)

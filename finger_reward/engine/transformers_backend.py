@@ -88,6 +88,12 @@ class TransformersEngine:
         return cls(model, AutoProcessor.from_pretrained(model_id), **kw)
 
     @property
+    def patch_factor(self) -> int:
+        """Frame sides must be multiples of this: the vision patch size times the spatial merge."""
+        video = self.processor.video_processor
+        return video.patch_size * video.merge_size
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
