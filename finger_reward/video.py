@@ -247,6 +247,9 @@ def _open(video: Any, name: str) -> _Reader:
             continue
         if reader.num_frames == 0:
             raise VideoError(name, "has zero frames")
+        if not math.isfinite(reader.fps) or reader.fps <= 0:
+            errors.append(f"{opener.__name__[6:]}: frame rate {reader.fps} is not positive")
+            continue
         return reader
     if all("No module named" in e for e in errors):
         raise ImportError("decoding video files needs decord or PyAV: pip install 'finger-reward[video]'")
@@ -266,5 +269,5 @@ def _open_pyav(source: Any) -> _Reader:
     with av.open(source if isinstance(source, str) else io.BytesIO(source)) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
     return _Reader(len(frames), fps, lambda idx: np.stack([frames[i] for i in idx]))

@@ -53,13 +53,13 @@ class QuestionBank:
         if not path.is_file():
             raise QuestionError(f"question bank {path} not found")
         bank = cls()
-        with path.open(encoding="utf-8") as lines:
+        with path.open("rb") as lines:  # decoded line by line, so a non-UTF-8 line is reported by number
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 try:
-                    bank.add([Question.from_dict(json.loads(line))])
-                except (json.JSONDecodeError, QuestionError) as err:
+                    bank.add([Question.from_dict(json.loads(line.decode("utf-8")))])
+                except (UnicodeDecodeError, json.JSONDecodeError, QuestionError) as err:
                     raise QuestionError(f"{path}, line {number}: {err}") from None
         return bank
 
