@@ -37,6 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")
     score.set_defaults(run=_score)
 
+    questions = commands.add_parser("questions", help="generate a question bank from prompts (resumable)")
+    questions.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl ({\"prompt\": ...} per line)")
+    questions.add_argument("--out", required=True, help="question bank JSONL; prompts already in it are skipped")
+    questions.add_argument("--generator", choices=sorted(GENERATORS), default="template")
+    questions.add_argument("--model", help="LLM name (openai) or checkpoint (transformers)")
+    questions.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI)")
+    questions.add_argument("--api-key", help="default: $OPENAI_API_KEY")
+    questions.add_argument("--config", help="question-generation YAML (default: the packaged configs/questions.yaml)")
+    questions.add_argument("--max-per-dimension", type=int, help="cap per dimension (default: from the config)")
+    questions.add_argument("--fallback", choices=["template", "none"], default="none",
+                           help="what prompts the LLM fails on get (default: reported as errors)")
+    questions.add_argument("--chunk", type=int, default=16, help="prompts per request round; each round is saved")
+    questions.set_defaults(run=_questions)
+
     demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
     demo.add_argument("--out", help="where to write clips and the tiny model (default: a new temporary directory)")
     _add_model_options(demo, model_required=False)
@@ -107,6 +121,85 @@ def _demo(args) -> int:
     reward = _load_reward(args, model, world.bank_path)
     clips = world.clips
     return _report(reward.score([c.path for c in clips], [c.prompt for c in clips]), as_json=args.json, details=False)
+
+
+def _template(args, config):
+    from finger_reward.questions.template import TemplateGenerator
+
+    return TemplateGenerator(max_per_dimension=args.max_per_dimension or config.max_per_dimension)
+
+
+def _openai(args, config):
+    from finger_reward.questions import OpenAIGenerator
+
+    if not args.model:
+        raise FingerError("--generator openai needs --model (the LLM's name at the endpoint)")
+    return OpenAIGenerator(args.model, base_url=args.base_url, api_key=args.api_key, config=config,
+                           max_per_dimension=args.max_per_dimension, fallback=_fallback(args, config))
+
+
+def _transformers(args, config):
+    from finger_reward.questions import TransformersGenerator
+
+    if not args.model:
+        raise FingerError("--generator transformers needs --model (a chat model checkpoint)")
+    return TransformersGenerator(args.model, config=config, max_per_dimension=args.max_per_dimension,
+                                 fallback=_fallback(args, config))
+
+
+def _fallback(args, config):
+    return _template(args, config) if args.fallback == "template" else None
+
+
+GENERATORS = {"template": _template, "openai": _openai, "transformers": _transformers}
+
+
+def _questions(args) -> int:
+    from tqdm.auto import tqdm
+
+    from finger_reward.questions import GenerationError, QuestionBank, load_question_config
+    from finger_reward.questions.bank import append_jsonl
+
+    config = load_question_config(args.config)
+    generator = GENERATORS[args.generator](args, config)
+    out = Path(args.out)
+    done = QuestionBank.from_jsonl(out) if out.exists() else QuestionBank()
+    todo = [p for p in dict.fromkeys(read_prompts(args.prompts)) if p not in done]
+    failures = {}
+    with tqdm(total=len(todo), desc="questions", unit="prompt") as bar:
+        for start in range(0, len(todo), args.chunk):
+            chunk = todo[start : start + args.chunk]
+            try:
+                results = generator.generate_questions(chunk)
+            except GenerationError as err:
+                results = err.results
+                failures.update(err.failures)
+            append_jsonl(out, (q for p in chunk for q in results.get(p, [])))
+            bar.update(len(chunk))
+    for prompt, why in failures.items():
+        print(f"finger-reward: error: prompt {prompt!r}: {why}", file=sys.stderr)
+    print(f"{len(todo) - len(failures)} prompt(s) added to {out} ({len(done)} were there already)", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .txt file (one per line) or a .jsonl file ({"prompt": ...} or a string per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FingerError(f"prompts file {path} not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(record if isinstance(record, str) else record["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise FingerError(f"{path}, line {number}: expected a JSON string or an object with a \"prompt\" field") from None
+    return prompts
 
 
 def _make_tiny(args) -> int:

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from finger_reward import scoring
 from finger_reward.errors import BatchError, FingerError, QuestionError
-from finger_reward.questions import QuestionBank, as_bank
+from finger_reward.questions import QuestionBank, TemplateGenerator, as_bank
+from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
 from finger_reward.video import describe, load_video
 
@@ -27,6 +28,11 @@ class FingerReward:
     >>> reward(videos, prompts)          # list[float], one overall score per video
     >>> reward.score(videos, prompts)    # list[VideoScore] with per-dimension and per-question detail
 
+    Questions come from `questions` (a bank JSONL path, a `QuestionBank` or a list of
+    `Question`) and/or a `question_generator`, which fills the bank the first time it sees a
+    prompt (a GRPO group of G videos with one prompt asks once). Given neither, the offline
+    template generator is used; given only a bank, a prompt missing from it is an error.
+
     A video that cannot be scored (unreadable, or its prompt has no questions) never gets a
     silent 0: with `on_error="raise"` (default) every other video is still scored and a
     `BatchError` carries both the failures and the results; with `on_error="nan"` the
@@ -40,6 +46,7 @@ class FingerReward:
         engine,
         *,
         questions=None,
+        question_generator=None,
         aggregate: str = "mean",
         weights: dict[str, float] | None = None,
         fps: float = 2.0,
@@ -55,6 +62,9 @@ class FingerReward:
             raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
         self.engine = engine
         self.bank: QuestionBank = QuestionBank() if questions is None else as_bank(questions)
+        if question_generator is None and questions is None:
+            question_generator = TemplateGenerator()
+        self.question_generator = question_generator
         self.aggregate, self.weights = aggregate, scoring.normalize_weights(weights)
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range)
         self.on_error, self.progress = on_error, progress
@@ -66,6 +76,7 @@ class FingerReward:
         *,
         processor=None,
         questions=None,
+        question_generator=None,
         mode: str = "answer",
         max_new_tokens: int = 256,
         device=None,
@@ -89,7 +100,7 @@ class FingerReward:
             raise ValueError("pass processor= together with an already-loaded model")
         else:
             engine = TransformersEngine(model, processor, **engine_options)
-        return cls(engine, questions=questions, **options)
+        return cls(engine, questions=questions, question_generator=question_generator, **options)
 
     def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
         """One overall score per video (NaN for a failed video when on_error="nan").
@@ -101,11 +112,14 @@ class FingerReward:
     def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
         """Full results per video: overall, per dimension, per question (with reasons in reason mode)."""
         videos, prompts = _pair_up(videos, prompts)
+        prompt_errors = fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
         results, failures = [], {}
         for i, (video, prompt) in enumerate(tqdm(list(zip(videos, prompts)), desc="scoring", unit="video",
                                                   disable=not self.progress)):
             name = describe(video, i)
             try:
+                if prompt in prompt_errors:
+                    raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
                 results.append(self._score_one(video, prompt, name))
             except Exception as err:  # one bad video fails alone; the batch goes on
                 if not isinstance(err, FingerError):

@@ -79,3 +79,47 @@ def test_make_tiny_model(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
     assert model.config.model_type == "qwen2_5_vl"
+
+
+def test_questions_template_resumes(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kite flies over a hill\n\na man rides a bicycle\n")
+    out = tmp_path / "bank.jsonl"
+    done = run("questions", "--prompts", prompts, "--out", out)
+    assert done.returncode == 0, done.stderr
+    bank = QuestionBank.from_jsonl(out)
+    assert bank.prompts == ["a red kite flies over a hill", "a man rides a bicycle"]
+    lines = out.read_text().splitlines()
+    prompts.write_text("a man rides a bicycle\na cat sleeps on a sofa\n")
+    done = run("questions", "--prompts", prompts, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines()[: len(lines)] == lines  # nothing rewritten
+    assert QuestionBank.from_jsonl(out).prompts[-1] == "a cat sleeps on a sofa"
+    assert "1 prompt(s) added" in done.stderr
+
+
+def test_questions_openai_end_to_end(tmp_path):
+    from tests.chat_server import ChatServer
+    from tests.test_question_llm import CAT, FAIL, reply_for
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": CAT}) + "\n" + json.dumps(FAIL) + "\n")
+    out = tmp_path / "bank.jsonl"
+    with ChatServer({CAT: [reply_for("cat")], FAIL: ["no JSON here"]}) as server:
+        args = ["questions", "--prompts", prompts, "--out", out, "--generator", "openai", "--model", "m",
+                "--base-url", server.url, "--api-key", "k"]
+        done = run(*args)
+        assert done.returncode == 1
+        assert f"prompt {FAIL!r}" in done.stderr and "no JSON found" in done.stderr
+        assert QuestionBank.from_jsonl(out).prompts == [CAT]
+        done = run(*args, "--fallback", "template")
+        assert done.returncode == 0, done.stderr
+        assert server.count(CAT) == 1  # resumed: the cached prompt was not asked again
+    assert QuestionBank.from_jsonl(out).prompts == [CAT, FAIL]
+
+
+def test_questions_bad_prompts_file(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    done = run("questions", "--prompts", prompts, "--out", tmp_path / "b.jsonl")
+    assert done.returncode == 2 and "p.jsonl, line 2" in done.stderr

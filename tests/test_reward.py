@@ -122,7 +122,7 @@ def test_on_error_nan(reward, mp4_paths):
 def test_prompt_without_questions_is_named(reward, mp4_paths):
     with pytest.raises(BatchError, match="no questions for prompt 'a green star'"):
         reward.score(mp4_paths[:1], "a green star")
-    empty = FingerReward(reward.engine)
+    empty = FingerReward(reward.engine, questions=[])  # a bank only, and an empty one
     with pytest.raises(BatchError) as caught:
         empty.score(mp4_paths[:1], PROMPT)
     assert isinstance(caught.value.failures[0], QuestionError)

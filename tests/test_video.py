@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import finger_reward.video as video_module
-from conftest import random_frames
+from tests.conftest import random_frames
 from finger_reward.errors import VideoError
 from finger_reward.synthetic import write_video
 from finger_reward.video import PATCH_FACTOR, Clip, fit_size, load_video, sample_indices

@@ -65,11 +65,18 @@ class QuestionBank:
 
     def to_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
-            for q in self:
-                out.write(json.dumps(q.to_dict(), ensure_ascii=False) + "\n")
-        return path
+        path.unlink(missing_ok=True)
+        return append_jsonl(path, self)
+
+
+def append_jsonl(path: str | Path, questions: Iterable[Question]) -> Path:
+    """Append questions to a bank file, one JSON object per line (creating the file and its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        for q in questions:
+            out.write(json.dumps(q.to_dict(), ensure_ascii=False) + "\n")
+    return path
 
 
 def as_bank(questions) -> QuestionBank:
