@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     questions.add_argument("--chunk", type=int, default=16, help="prompts per request round; each round is saved")
     questions.set_defaults(run=_questions)
 
+    serve = commands.add_parser("serve", help="serve FingerReward over HTTP (one process, or Ray Serve with --replicas)")
+    serve.add_argument("--config", help="YAML of ServeConfig fields (see configs/serve.yaml); flags override it")
+    serve.add_argument("--model", help="checkpoint directory or hub id")
+    serve.add_argument("--questions", help="question bank JSONL (default: template questions for new prompts)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--replicas", type=int, help="run on Ray Serve with this many model replicas")
+    serve.add_argument("--token", help="require 'Authorization: Bearer <token>'")
+    serve.add_argument("--allow-path", help="accept videos by path inside this directory")
+    serve.add_argument("--mode", choices=["answer", "reason"])
+    serve.set_defaults(run=_serve)
+
     demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
     demo.add_argument("--out", help="where to write clips and the tiny model (default: a new temporary directory)")
     _add_model_options(demo, model_required=False)
@@ -200,6 +212,30 @@ def read_prompts(path: str | Path) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise FingerError(f"{path}, line {number}: expected a JSON string or an object with a \"prompt\" field") from None
     return prompts
+
+
+def _serve(args) -> int:
+    from finger_reward.serve.config import ServeConfig
+
+    overrides = {k: getattr(args, k) for k in ("model", "questions", "host", "port", "replicas", "token", "allow_path", "mode")}
+    try:
+        config = ServeConfig.from_yaml(args.config, **overrides)
+    except (ValueError, OSError) as err:
+        raise FingerError(str(err)) from None
+    if not config.model:
+        raise FingerError("no model given: pass --model PATH or set model: in --config")
+    if config.replicas:
+        from finger_reward.serve.ray_app import run_ray
+
+        run_ray(config)
+        return 0
+    from finger_reward.reward import FingerReward
+    from finger_reward.serve.local import LocalServer
+
+    server = LocalServer(FingerReward.from_pretrained(config.model, **config.reward_options()), config)
+    print(f"finger-reward: serving {config.model} on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
+    server.run()
+    return 0
 
 
 def _make_tiny(args) -> int:

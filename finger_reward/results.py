@@ -52,8 +52,19 @@ class VideoScore:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, data: dict) -> "VideoScore":
+        """Inverse of `to_dict` (as sent by the service)."""
+        questions = [QuestionScore(**q) for q in data.get("questions", [])]
+        return cls(**{**data, "questions": questions, "overall": _float(data["overall"]),
+                      "hard_overall": _float(data.get("hard_overall"))})
+
+    @classmethod
     def failed(cls, video: str, prompt: str, error: Exception | str) -> "VideoScore":
         return cls(video=video, prompt=prompt, overall=math.nan, error=str(error))
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def score_video(

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from finger_reward import scoring
 from finger_reward.errors import BatchError, FingerError, QuestionError
-from finger_reward.questions import QuestionBank, TemplateGenerator, as_bank
+from finger_reward.questions import Question, QuestionBank, TemplateGenerator, as_bank
 from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
-from finger_reward.video import describe, load_video
+from finger_reward.video import Clip, describe, load_video
+
+if TYPE_CHECKING:
+    from finger_reward.serve.batcher import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,8 @@ class FingerReward:
         self.aggregate, self.weights = aggregate, scoring.normalize_weights(weights)
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range)
         self.on_error, self.progress = on_error, progress
+        self._batcher = None
+        self._batcher_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -109,36 +117,105 @@ class FingerReward:
         """
         return [s.overall for s in self.score(videos, prompts)]
 
+    def start_batcher(self, **options) -> "Batcher":
+        """Start the in-process dynamic batcher behind `submit` (options: see `serve.Batcher`)."""
+        from finger_reward.serve.batcher import Batcher
+
+        with self._batcher_lock:
+            if self._batcher is not None:
+                self._batcher.close()
+            self._batcher = Batcher(self, **options)
+            return self._batcher
+
+    def submit(self, video: Any, prompt: str, **options) -> "Future[VideoScore]":
+        """Score one video in the background; the future gives its `VideoScore` or raises its error.
+
+        Concurrent submits are batched together (a batcher with default options starts on first
+        use), so a trainer can overlap generation and scoring.
+        """
+        with self._batcher_lock:
+            batcher = self._batcher
+        batcher = batcher or self.start_batcher()
+        return batcher.submit(video, prompt, **options)
+
+    def close(self) -> None:
+        """Stop the background batcher, if one was started."""
+        with self._batcher_lock:
+            if self._batcher is not None:
+                self._batcher.close()
+                self._batcher = None
+
     def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
         """Full results per video: overall, per dimension, per question (with reasons in reason mode)."""
-        videos, prompts = _pair_up(videos, prompts)
-        prompt_errors = fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
-        results, failures = [], {}
-        for i, (video, prompt) in enumerate(tqdm(list(zip(videos, prompts)), desc="scoring", unit="video",
-                                                  disable=not self.progress)):
-            name = describe(video, i)
-            try:
-                if prompt in prompt_errors:
-                    raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
-                results.append(self._score_one(video, prompt, name))
-            except Exception as err:  # one bad video fails alone; the batch goes on
-                if not isinstance(err, FingerError):
-                    logger.exception("video %s failed", name)
-                failures[i] = err
-                results.append(VideoScore.failed(name, prompt, err))
+        videos, prompts = pair_videos_prompts(videos, prompts)
+        outcomes = self.run(self.prepare(videos, prompts))
+        results = [VideoScore.failed(describe(v, i), p, o) if isinstance(o, Exception) else o
+                   for i, (v, p, o) in enumerate(zip(videos, prompts, outcomes))]
+        failures = {i: o for i, o in enumerate(outcomes) if isinstance(o, Exception)}
         if failures and self.on_error == "raise":
             raise BatchError(failures, results)
         return results
 
-    def _score_one(self, video: Any, prompt: str, name: str) -> VideoScore:
-        questions = self.bank.questions_for(prompt)
-        clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
-        answers = self.engine.answer(clip, [q.question for q in questions])
-        return score_video(name, prompt, questions, answers.probs, answers.reasons,
-                           aggregate=self.aggregate, weights=self.weights)
+    def prepare(self, videos: Sequence[Any], prompts: Sequence[str], names: Sequence[str] | None = None) -> list[Job | Exception]:
+        """The CPU half of scoring: each video's questions and decoded frames, or its error in its place.
+
+        New prompts are sent to the question generator together, once each. Services call this
+        in worker threads and `run` on the model's thread, so decoding overlaps the GPU.
+        """
+        prompt_errors = fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
+        names = names or [describe(v, i) for i, v in enumerate(videos)]
+        jobs: list[Job | Exception] = []
+        for video, prompt, name in zip(videos, prompts, names):
+            try:
+                if prompt in prompt_errors:
+                    raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
+                questions = self.bank.questions_for(prompt)
+                clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
+                jobs.append(Job(name, prompt, questions, clip, _tokens(clip, questions, self.engine.patch_factor)))
+            except Exception as err:  # one bad video fails alone; the batch goes on
+                jobs.append(_logged(err, name))
+        return jobs
+
+    def run(self, jobs: Sequence[Job | Exception]) -> list[VideoScore | Exception]:
+        """The model half: answer and score every prepared job; errors pass through in place."""
+        outcomes: list[VideoScore | Exception] = []
+        for job in tqdm(jobs, desc="scoring", unit="video", disable=not self.progress):
+            if isinstance(job, Exception):
+                outcomes.append(job)
+                continue
+            try:
+                answers = self.engine.answer(job.clip, [q.question for q in job.questions])
+                outcomes.append(score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
+                                            aggregate=self.aggregate, weights=self.weights))
+            except Exception as err:
+                outcomes.append(_logged(err, job.name))
+        return outcomes
 
 
-def _pair_up(videos, prompts) -> tuple[list, list[str]]:
+@dataclass(frozen=True)
+class Job:
+    """A video ready for the model: its name, prompt, questions and sampled frames."""
+
+    name: str
+    prompt: str
+    questions: list[Question]
+    clip: Clip
+    tokens: int  # approximate prompt tokens, for token-budget batching
+
+
+def _tokens(clip: Clip, questions: list[Question], patch_factor: int) -> int:
+    """Video tokens (one per 2 frames x patch_factor^2 pixels) plus about 48 per question."""
+    t, _, h, w = clip.frames.shape
+    return ((t + 1) // 2) * (h // patch_factor) * (w // patch_factor) + 48 * len(questions)
+
+
+def _logged(err: Exception, name: str) -> Exception:
+    if not isinstance(err, FingerError):
+        logger.exception("video %s failed", name, exc_info=err)
+    return err
+
+
+def pair_videos_prompts(videos, prompts) -> tuple[list, list[str]]:
     if isinstance(videos, (str, bytes, Path)) or not isinstance(videos, Sequence):
         raise TypeError(
             f"videos must be a list of videos, got {type(videos).__name__}; wrap a single video in a list, "

@@ -84,7 +84,7 @@ def load_video(
         indices, sampled_fps = sample_indices(reader.num_frames, reader.fps, fps, max_frames)
         frames = torch.from_numpy(reader.frames(indices)).permute(0, 3, 1, 2)
     else:
-        frames = _frames_from_memory(video, name, value_range)
+        frames = frames_from_memory(video, name, value_range)
         indices, sampled_fps = sample_indices(frames.shape[0], source_fps or fps, fps, max_frames)
         frames = frames[indices]
     return Clip(frames=_resize(frames, max_pixels, patch_factor, name), fps=sampled_fps, name=name)
@@ -139,7 +139,7 @@ def _resize(frames: torch.Tensor, max_pixels: int, factor: int, name: str) -> to
 # ---- in-memory frames ---------------------------------------------------------------------------
 
 
-def _frames_from_memory(video: Any, name: str, value_range: tuple[float, float]) -> torch.Tensor:
+def frames_from_memory(video: Any, name: str, value_range: tuple[float, float]) -> torch.Tensor:
     """uint8 (T, C, H, W) from an array (T, H, W, C), a tensor (T, C, H, W) or a list of PIL images."""
     if isinstance(video, (list, tuple)):
         return _frames_from_pil(video, name)
