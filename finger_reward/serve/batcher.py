@@ -10,6 +10,7 @@ batches of up to `max_batch_size` videos or `max_batch_tokens` tokens, waiting a
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,14 @@ class QueueFull(FingerError):
     """The batcher holds `max_queue` videos already; try again later (HTTP 429)."""
 
 
+def default_prepare_workers(reward) -> int:
+    """Decoding threads: several beside a GPU model; one beside a CPU model, which uses every core itself."""
+    device = getattr(getattr(reward, "engine", None), "device", None)
+    if device is None or device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 class Batcher:
     def __init__(
         self,
@@ -35,7 +44,7 @@ class Batcher:
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 10.0,
         max_queue: int = 256,
-        prepare_workers: int = 2,
+        prepare_workers: int | None = None,
         telemetry: Telemetry | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
@@ -47,7 +56,8 @@ class Batcher:
         self.telemetry = telemetry or Telemetry()
         self._room = threading.Condition()
         self._ready: queue.Queue = queue.Queue()
-        self._prepare = ThreadPoolExecutor(prepare_workers, thread_name_prefix="finger-prepare")
+        workers = prepare_workers or default_prepare_workers(reward)
+        self._prepare = ThreadPoolExecutor(workers, thread_name_prefix="finger-prepare")
         self._closed = threading.Event()
         self._in_flight = 0
         self._thread = threading.Thread(target=self._loop, name="finger-batcher", daemon=True)

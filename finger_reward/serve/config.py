@@ -21,6 +21,7 @@ class ServeConfig:
     max_batch_tokens: int | None = None
     max_wait_ms: float = 10.0
     max_queue: int = 256
+    prepare_workers: int | None = field(default=None, metadata={"help": "decoding threads (default: 1 beside a CPU model, more beside a GPU)"})
     replicas: int | None = field(default=None, metadata={"help": "Ray Serve replicas; None runs one process without Ray"})
     num_gpus_per_replica: float | None = field(default=None, metadata={"help": "default: 1 when CUDA is present, else 0"})
     num_cpus_per_replica: float = 1.0
@@ -64,7 +65,7 @@ class ServeConfig:
         return {"questions": self.questions, **options}
 
     def batcher_options(self) -> dict:
-        keys = ("max_batch_size", "max_batch_tokens", "max_wait_ms", "max_queue")
+        keys = ("max_batch_size", "max_batch_tokens", "max_wait_ms", "max_queue", "prepare_workers")
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict:

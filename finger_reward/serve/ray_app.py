@@ -1,0 +1,146 @@
+"""The reward service as a Ray Serve application: one model replica per GPU, across machines.
+
+    finger-reward serve --model DIR --replicas 4        # or, from Python:
+    url = run_ray(ServeConfig(model="DIR", replicas=4), blocking=False)
+
+Each replica loads `FingerReward`, hands every HTTP request to the same `ScoreAPI` as the
+one-process server (local.py), decodes videos in threads and batches prepared videos from all
+of its requests with `@serve.batch`. Overload answers 503 from Ray Serve's queue limit
+(`max_queued_requests`), which `FingerRewardClient` retries. On a multi-machine cluster
+(`$RAY_ADDRESS`), `finger_reward` and the model must be present on every node. Ray is imported
+only when these functions are called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import threading
+
+from finger_reward.serve.api import ScoreAPI
+from finger_reward.serve.config import ServeConfig
+from finger_reward.serve.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "finger_reward"
+
+
+@functools.cache
+def _replica_class():
+    """The deployment class; defined on first use so that importing this module does not import Ray."""
+    from ray import serve
+
+    class FingerRewardReplica:
+        """One model replica: `ScoreAPI` in front, prepared videos batched into `FingerReward.run`."""
+
+        def __init__(self, config: ServeConfig):
+            from finger_reward.reward import FingerReward
+
+            self.reward = FingerReward.from_pretrained(config.model, **config.reward_options())
+            self.telemetry = Telemetry()
+            self.api = ScoreAPI(self._score_many, token=config.token, allow_path=config.allow_path,
+                                max_payload_mb=config.max_payload_mb, telemetry=self.telemetry)
+            self._run_batch.set_max_batch_size(config.max_batch_size)
+            self._run_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
+            self._in_flight = 0
+            logger.info("replica ready: %s", config.model)
+
+        async def __call__(self, request):
+            """Answer one HTTP request (a starlette `Request`) with a starlette `Response`."""
+            from starlette.responses import Response
+
+            reply = await self.api(request.method, request.url.path, request.headers, request.body)
+            return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers)
+
+        async def _score_many(self, videos: list, prompts: list[str], names: list[str]) -> list:
+            """Decode in a thread, then batch each prepared video; errors stay in their video's place."""
+            self._track(len(videos))
+            try:
+                jobs = await asyncio.to_thread(self.reward.prepare, videos, prompts, names)
+                return await asyncio.gather(*(self._outcome(job) for job in jobs), return_exceptions=True)
+            finally:
+                self._track(-len(videos))
+
+        async def _outcome(self, job):
+            if isinstance(job, Exception):
+                self.telemetry.video_failed()
+                return job
+            return await self._run_batch(job)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def _run_batch(self, jobs: list) -> list:
+            """Score one batch on the model in a thread; an exception is returned as that job's outcome."""
+            outcomes = await asyncio.to_thread(self.reward.run, jobs)
+            self.telemetry.batch(len(jobs), sum(isinstance(o, Exception) for o in outcomes))
+            return outcomes
+
+        def _track(self, change: int) -> None:
+            self._in_flight += change
+            self.telemetry.set_queue_depth(self._in_flight)
+
+    return FingerRewardReplica
+
+
+def _num_gpus(config: ServeConfig) -> float:
+    """GPUs per replica: as configured, else one when CUDA is present."""
+    if config.num_gpus_per_replica is not None:
+        return config.num_gpus_per_replica
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
+def build_deployment(config: ServeConfig):
+    """The bound Ray Serve application for `config`, ready for `serve.run`."""
+    from ray import serve
+
+    deployment = serve.deployment(
+        _replica_class(),
+        name="FingerReward",
+        num_replicas=config.replicas or 1,
+        ray_actor_options={"num_gpus": _num_gpus(config), "num_cpus": config.num_cpus_per_replica},
+        max_ongoing_requests=max(2, config.max_batch_size * 2),
+        max_queued_requests=config.max_queue,
+    )
+    return deployment.bind(config)
+
+
+def run_ray(config: ServeConfig, *, blocking: bool = True) -> str:
+    """Deploy on Ray (joining `$RAY_ADDRESS` when set) and return the URL; blocking, serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_deployment(config), name=APP_NAME, route_prefix="/")
+    url = f"http://{config.host}:{config.port}"
+    logger.info("serving %s on %s with %d replica(s)", config.model, url, config.replicas or 1)
+    if blocking:
+        _wait_for_signal()
+        shutdown_ray()
+    return url
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    while not stop.wait(0.5):
+        pass
+    logger.info("stopping the Ray Serve application")
+
+
+def shutdown_ray() -> None:
+    """Shut down Serve and disconnect from Ray; nothing to do (and no cluster started) when Ray is not up."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
