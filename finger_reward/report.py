@@ -1,0 +1,246 @@
+"""A self-contained HTML report of FingER results: frame strips, score bars, questions and plots.
+
+`write_report` turns `(VideoScore, human scores or None)` pairs into one HTML file that needs
+no network: styles are inline and images are base64 PNG data URIs. Plots need matplotlib and
+correlations scipy (`pip install 'finger-reward[eval]'`); both are imported only when a report is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from finger_reward.metrics import plcc, srcc
+from finger_reward.questions.record import DIMENSIONS
+from finger_reward.results import VideoScore
+from finger_reward.video import load_video
+
+STRIP_FPS = 1000.0  # high enough that `max_frames` frames are spread over the whole clip
+STRIP_MAX_PIXELS = 256 * 256
+_FIELDS = {f.name for f in dataclasses.fields(VideoScore)}
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;background:#f4f5f7;color:#222}
+h1{margin:0 0 8px} h2{margin:0;font-size:1.15em} .muted{color:#666;font-size:.9em}
+.card,.plots{background:#fff;border-radius:8px;padding:16px;margin:16px 0;box-shadow:0 1px 3px #0002}
+.strip{display:block;height:110px;max-width:100%;object-fit:contain;object-position:left;margin:10px 0;
+ image-rendering:pixelated;background:#111}
+.plots img{max-width:100%}
+.note{color:#8a6d00;font-style:italic} .error{color:#b00020;font-weight:600}
+.bar{display:flex;align-items:center;gap:8px;margin:3px 0;font-size:.9em}
+.bar .label{width:170px} .bar .value{white-space:nowrap;font-variant-numeric:tabular-nums}
+.track{position:relative;flex:0 0 320px;height:14px;background:#e3e5e8;border-radius:7px;overflow:hidden}
+.fill{position:absolute;left:0;top:0;bottom:0} .bar.total .label{font-weight:700}
+.human{position:absolute;top:0;bottom:0;width:3px;background:#111}
+table{border-collapse:collapse;width:100%;margin-top:10px;font-size:.85em} table.corr{width:auto}
+th,td{border-bottom:1px solid #e3e5e8;padding:4px 6px;text-align:left;vertical-align:top}
+td.num{font-variant-numeric:tabular-nums;text-align:right}
+"""
+
+
+def load_results(path: str | Path) -> list[tuple[VideoScore, dict | None]]:
+    """Read RESULTS.jsonl: one `VideoScore.to_dict()` per line, optionally with a "human" score dict."""
+    path = Path(path)
+    results = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            results.append(_parse_line(line))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path}, line {number}: not a result record ({err})") from None
+    return results
+
+
+def _parse_line(line: str) -> tuple[VideoScore, dict | None]:
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    human = data.get("human")
+    if human is not None and not isinstance(human, dict):
+        raise TypeError(f"'human' must be an object of scores, got {type(human).__name__}")
+    human = None if human is None else {str(k): math.nan if v is None else float(v) for k, v in human.items()}
+    return VideoScore.from_dict({k: v for k, v in data.items() if k in _FIELDS}), human
+
+
+def write_report(
+    results: list[tuple[VideoScore, dict | None]],
+    out_path: str | Path,
+    *,
+    frames_per_strip: int = 6,
+    title: str = "FingER scores",
+) -> Path:
+    """Write the HTML report of `results` to `out_path` and return that path."""
+    if frames_per_strip < 1:
+        raise ValueError(f"frames_per_strip must be >= 1, got {frames_per_strip}")
+    failed = sum(not score.ok for score, _ in results)
+    head = (f"<h1>{html.escape(title)}</h1><p class='muted'>{len(results)} video(s), "
+            f"{failed} failed.</p>")
+    body = head + _plots(results) + "\n".join(_card(s, h, frames_per_strip) for s, h in results)
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+    out_path = Path(out_path)
+    out_path.write_text(page, encoding="utf-8")
+    return out_path
+
+
+# ---- one card per video -------------------------------------------------------------------------
+
+
+def _card(score: VideoScore, human: dict | None, frames: int) -> str:
+    """The section of one video: name, prompt, frame strip, error or scores, questions."""
+    human = human or {}
+    parts = [f"<h2>{html.escape(Path(score.video).name or score.video)}</h2>",
+             f"<div class='muted'>{html.escape(score.video)}</div>",
+             f"<p><b>Prompt:</b> {html.escape(score.prompt)}</p>", _strip(score.video, frames)]
+    if not score.ok:
+        parts.append(f"<p class='error'>Scoring failed: {html.escape(score.error)}</p>")
+    else:
+        parts.append(_bar("overall", score.overall, human.get("overall"), total=True))
+        parts += [_bar(d, score.dimensions[d], human.get(d)) for d in _ordered(score.dimensions)]
+        parts.append(_questions_table(score))
+    return "<section class=\"card\">\n" + "\n".join(parts) + "\n</section>"
+
+
+def _strip(video: str, frames: int) -> str:
+    """The video's frames side by side as one PNG, or a short note when it cannot be read."""
+    from PIL import Image
+
+    try:
+        clip = load_video(video, fps=STRIP_FPS, max_frames=frames, max_pixels=STRIP_MAX_PIXELS, patch_factor=2)
+    except (ValueError, ImportError, OSError, RuntimeError) as err:
+        return f"<p class='note'>Frames unavailable: {html.escape(str(err))}</p>"
+    tiles = clip.frames.permute(0, 2, 3, 1).numpy()
+    gap = np.full((tiles.shape[1], 2, 3), 255, dtype=np.uint8)
+    row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(row).save(buffer, format="PNG")
+    return f"<img class='strip' alt='frames of {html.escape(clip.name)}' src='{_data_uri(buffer.getvalue())}'>"
+
+
+def _bar(label: str, value: float, human: float | None = None, total: bool = False) -> str:
+    """A horizontal bar for a score in [0, 1], red to green, with a black tick at the human score."""
+    ok = value is not None and math.isfinite(value)
+    width = min(max(value, 0.0), 1.0) * 100 if ok else 0.0
+    fill = f"<span class='fill' style='width:{width:.1f}%;background:hsl({width * 1.2:.0f},65%,48%)'></span>"
+    text = f"{value:.3f}" if ok else "n/a"
+    if human is not None and math.isfinite(human):
+        h = min(max(human, 0.0), 1.0)
+        fill += f"<span class='human' title='human {human:.3f}' style='left:calc({h * 100:.1f}% - {h * 3:.1f}px)'></span>"
+        text += f" (human {human:.2f})"
+    return (f"<div class='bar{' total' if total else ''}'><span class='label'>{html.escape(label)}</span>"
+            f"<span class='track'>{fill}</span><span class='value'>{text}</span></div>")
+
+
+def _questions_table(score: VideoScore) -> str:
+    """The table of answered questions; a reason column only when some question has a reason."""
+    reasons = any(q.reason for q in score.questions)
+    header = ["dimension", "+/-", "question", "answer", "P(Yes)", "entity score"] + (["reason"] if reasons else [])
+    rows = []
+    for q in score.questions:
+        cells = [html.escape(q.dimension), "+" if q.positive else "-", html.escape(q.question),
+                 html.escape(q.answer), f"{q.p_yes:.3f}", f"{q.score:.3f}"] + ([html.escape(q.reason or "")] if reasons else [])
+        rows.append("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in (4, 5) else f"<td>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+# ---- plots over the whole set -------------------------------------------------------------------
+
+
+def _plots(results: list[tuple[VideoScore, dict | None]]) -> str:
+    """Score histograms, and model-vs-human scatter plots when at least 3 videos have human scores."""
+    scored = [(s, h or {}) for s, h in results if s.ok]
+    if not scored:
+        return "<div class='plots'><p class='note'>No video was scored; nothing to plot.</p></div>"
+    model = {"overall": [s.overall for s, _ in scored]}
+    for dim in _ordered({d for s, _ in scored for d in s.dimensions}):
+        model[dim] = [s.dimensions.get(dim, math.nan) for s, _ in scored]
+    parts = ["<h2>Score distributions</h2>", f"<img alt='score histograms' src='{_data_uri(_histograms(model))}'>"]
+    pairs = {key: xy for key, xy in ((k, _with_human(v, [h for _, h in scored], k)) for k, v in model.items()) if len(xy) >= 3}
+    if pairs:
+        corr = {key: _correlations(*np.array(xy).T) for key, xy in pairs.items()}
+        parts += ["<h2>Model vs human</h2>", _correlation_table(pairs, corr),
+                  f"<img alt='model vs human scatter plots' src='{_data_uri(_scatters(pairs, corr))}'>"]
+    return "<div class='plots'>" + "\n".join(parts) + "</div>"
+
+
+def _with_human(model: list[float], human: list[dict], key: str) -> list[tuple[float, float]]:
+    """(model, human) score pairs of `key` where both are finite."""
+    pairs = [(m, h.get(key, math.nan)) for m, h in zip(model, human)]
+    return [(m, h) for m, h in pairs if math.isfinite(m) and math.isfinite(h)]
+
+
+def _correlation_table(pairs: dict, corr: dict) -> str:
+    """SRCC and PLCC per score as an HTML table (the same numbers as the scatter titles)."""
+    rows = "".join(f"<tr><td>{html.escape(key)}</td><td class='num'>{len(pairs[key])}</td>"
+                   f"<td class='num'>{srcc:.3f}</td><td class='num'>{plcc:.3f}</td></tr>" for key, (srcc, plcc) in corr.items())
+    head = "".join(f"<th>{h}</th>" for h in ("score", "videos", "SRCC", "PLCC"))
+    return f"<table class='corr'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _histograms(model: dict[str, list[float]]) -> bytes:
+    """One figure, a histogram of the finite scores per key, on [0, 1]."""
+    fig, axes = _figure(len(model))
+    for ax, (key, values) in zip(axes, model.items()):
+        ax.hist([v for v in values if math.isfinite(v)], bins=10, range=(0, 1), color="#3b7dd8", edgecolor="white")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("model score")
+        ax.locator_params(axis="y", integer=True)
+    return _png(fig)
+
+
+def _scatters(pairs: dict[str, list[tuple[float, float]]], corr: dict[str, tuple[float, float]]) -> bytes:
+    """One figure, model vs human per key, with SRCC and PLCC in each title."""
+    fig, axes = _figure(len(pairs))
+    for ax, (key, xy) in zip(axes, pairs.items()):
+        x, y = np.array(xy).T
+        srcc, plcc = corr[key]
+        ax.scatter(x, y, s=22, color="#d8573b", alpha=0.8)
+        ax.locator_params(axis="x", nbins=5)
+        ax.set_title(f"{key}\nSRCC {srcc:.3f}  PLCC {plcc:.3f}", fontsize=10)
+        ax.set_xlabel("model score")
+        ax.set_ylabel("human score")
+    return _png(fig)
+
+
+def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman's and Pearson's correlation (`finger_reward.metrics`); NaN when either side is constant."""
+    return srcc(x, y), plcc(x, y)
+
+
+def _figure(panels: int):
+    """A matplotlib figure (Agg, no pyplot state) with `panels` axes, three per row."""
+    from matplotlib.figure import Figure
+
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _ordered(keys) -> list[str]:
+    """Dimension ids in the paper's order, then any others sorted."""
+    keys = set(keys)
+    return [d for d in DIMENSIONS if d in keys] + sorted(keys - set(DIMENSIONS))
