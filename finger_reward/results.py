@@ -63,6 +63,17 @@ class VideoScore:
         return cls(video=video, prompt=prompt, overall=math.nan, error=str(error))
 
 
+def json_safe(value):
+    """NaN (a failed or undefined score) becomes None, so the JSON is strict and any client reads it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _float(value) -> float:
     return math.nan if value is None else float(value)
 

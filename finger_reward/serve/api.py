@@ -21,7 +21,6 @@ import binascii
 import hmac
 import io
 import json
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from finger_reward.errors import FingerError
+from finger_reward.results import json_safe
 from finger_reward.serve.batcher import QueueFull
 from finger_reward.serve.telemetry import Telemetry
 
@@ -53,18 +53,7 @@ class RequestError(FingerError):
 
 
 def _json(status: int, payload: dict, headers: dict | None = None) -> Reply:
-    return Reply(status, json.dumps(_no_nan(payload), allow_nan=False).encode(), headers=headers or {})
-
-
-def _no_nan(value):
-    """NaN (a failed score) becomes null: strict JSON, readable by any client."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
+    return Reply(status, json.dumps(json_safe(payload), allow_nan=False).encode(), headers=headers or {})
 
 
 def error_reply(status: int, message: str, headers: dict | None = None) -> Reply:

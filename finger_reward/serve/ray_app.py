@@ -110,30 +110,35 @@ def build_deployment(config: ServeConfig):
 
 
 def run_ray(config: ServeConfig, *, blocking: bool = True) -> str:
-    """Deploy on Ray (joining `$RAY_ADDRESS` when set) and return the URL; blocking, serve until SIGINT/SIGTERM."""
+    """Deploy on Ray (joining `$RAY_ADDRESS` when set) and return the URL.
+
+    With `blocking` (from the main thread), serve until SIGINT/SIGTERM, then shut Serve down.
+    """
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    # Ray's own handler aborts the process on SIGTERM: replace it before the service can be reached.
+    stop = _stop_on_signal() if blocking else None
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_deployment(config), name=APP_NAME, route_prefix="/")
     url = f"http://{config.host}:{config.port}"
     logger.info("serving %s on %s with %d replica(s)", config.model, url, config.replicas or 1)
-    if blocking:
-        _wait_for_signal()
+    if stop is not None:
+        while not stop.wait(0.5):
+            pass
+        logger.info("stopping the Ray Serve application")
         shutdown_ray()
     return url
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _stop_on_signal() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets, in place of the process-ending default handlers."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    while not stop.wait(0.5):
-        pass
-    logger.info("stopping the Ray Serve application")
+    return stop
 
 
 def shutdown_ray() -> None:
