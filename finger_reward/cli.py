@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finger_reward.errors import FingerError
 from finger_reward.questions import DIMENSIONS
+from finger_reward.results import json_safe
 
 MODEL_ENV = "FINGER_REWARD_MODEL"
 
@@ -62,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-path", help="accept videos by path inside this directory")
     serve.add_argument("--mode", choices=["answer", "reason"])
     serve.set_defaults(run=_serve)
+
+    evaluate = commands.add_parser("eval", help="agreement with human judgements on a benchmark (the paper's tables)")
+    evaluate.add_argument("--benchmark", required=True, help="finger | genai | pairs (or a loader name)")
+    evaluate.add_argument("--data", required=True, help="the benchmark's annotation file")
+    evaluate.add_argument("--video-root", help="directory the annotation's video paths are relative to (default: its folder)")
+    evaluate.add_argument("--questions", help="question bank for rating/pair benchmarks (default: template questions)")
+    evaluate.add_argument("--out", help="write the figures as JSON here")
+    evaluate.add_argument("--scores", help="per-video results JSONL; an existing file is resumed (default: next to --out)")
+    evaluate.add_argument("--report", help="also write an HTML report with human scores here")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    report = commands.add_parser("report", help="an HTML page of results: frames, scores, questions, plots")
+    report.add_argument("results", help="results JSONL (from score --json or eval --scores)")
+    report.add_argument("--out", required=True, help="HTML file to write")
+    report.set_defaults(run=_report_html)
 
     demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
     demo.add_argument("--out", help="where to write clips and the tiny model (default: a new temporary directory)")
@@ -238,6 +255,37 @@ def _serve(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from finger_reward.evaluation import evaluate as ev
+    from finger_reward.evaluation.loaders import load_benchmark
+
+    if not args.model:
+        raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
+    bench = load_benchmark(args.benchmark, args.data, args.video_root)
+    scores_path = Path(args.scores or (Path(args.out).with_suffix(".scores.jsonl") if args.out
+                                       else Path(tempfile.mkdtemp(prefix="finger-eval-")) / "scores.jsonl"))
+    reward = _load_reward(args, args.model, ev.benchmark_bank(bench) or args.questions)
+    figures = ev.agreement(bench, ev.score_benchmark(reward, bench, scores_path))
+    figures["scores"] = str(scores_path)
+    print(ev.format_table(figures))
+    if args.out:
+        Path(args.out).write_text(json.dumps(json_safe(figures), indent=2, allow_nan=False))
+    if args.report:
+        from finger_reward.report import write_report
+
+        human = ev.human_by_video(bench)
+        scored = ev.load_scores(scores_path)
+        write_report([(result, human.get(key)) for key, result in scored.items()], args.report)
+    return 0
+
+
+def _report_html(args) -> int:
+    from finger_reward.report import load_results, write_report
+
+    print(write_report(load_results(args.results), args.out))
+    return 0
+
+
 def _make_tiny(args) -> int:
     from finger_reward.tiny import make_tiny_model
 
@@ -251,7 +299,7 @@ def _report(results, as_json: bool, details: bool = True) -> int:
         if not result.ok:
             print(f"finger-reward: error: {result.error}", file=sys.stderr)
         elif as_json:
-            print(json.dumps(result.to_dict()))
+            print(json.dumps(json_safe(result.to_dict()), allow_nan=False))
         elif details:
             print(format_table(result))
     scored = [r for r in results if r.ok]

@@ -1,0 +1,176 @@
+"""Score a benchmark with FingerReward and measure agreement with humans, as the FingER paper reports it.
+
+`score_benchmark` scores every distinct (video, prompt) once, appending each result to a JSONL
+file as it goes, so a killed run resumes where it stopped (and the file feeds
+`finger-reward report`). `agreement` turns scores and human labels into the paper's figures:
+answer accuracy and SRCC/PLCC per dimension, with and without probabilities (Tables 1-2), or
+pairwise tau/diff for preference pairs (Table 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from finger_reward import metrics
+from finger_reward.evaluation.loaders import Benchmark, human_scores
+from finger_reward.questions import DIMENSIONS, QuestionBank
+from finger_reward.results import VideoScore, json_safe
+
+Key = tuple[str, str]  # (video, prompt)
+
+# Published pair dimensions with a FingER counterpart (VideoGen-RewardBench's motion quality, MQ, has none).
+PAIR_DIMENSIONS = {"overall": "overall", "VQ": "visual_quality", "TA": "text_alignment"}
+
+
+def benchmark_videos(bench: Benchmark) -> list[Key]:
+    """Distinct (video, prompt) pairs the benchmark needs scored, in first-seen order."""
+    keys: list[Key] = []
+    for item in bench.items:
+        if bench.kind == "questions":
+            keys.append((item.video, item.question.prompt))
+        elif bench.kind == "ratings":
+            keys.append((item.video, item.prompt))
+        else:
+            keys += [(item.video_a, item.prompt), (item.video_b, item.prompt)]
+    return list(dict.fromkeys(keys))
+
+
+def benchmark_bank(bench: Benchmark) -> QuestionBank | None:
+    """For a question benchmark, exactly the human-answered questions; otherwise None (use the reward's)."""
+    if bench.kind != "questions":
+        return None
+    return QuestionBank(item.question for item in bench.items)
+
+
+def score_benchmark(reward, bench: Benchmark, scores_path: str | Path, *, chunk: int = 16) -> dict[Key, VideoScore]:
+    """Score every (video, prompt) of the benchmark not yet in `scores_path`, appending as it goes."""
+    from tqdm.auto import tqdm
+
+    scores_path = Path(scores_path)
+    done = load_scores(scores_path) if scores_path.exists() else {}
+    todo = [key for key in benchmark_videos(bench) if key not in done]
+    scores_path.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(todo), desc=f"scoring {bench.name}", unit="video") as bar, scores_path.open("a") as out:
+        for start in range(0, len(todo), chunk):
+            keys = todo[start : start + chunk]
+            results = reward.score([video for video, _ in keys], [prompt for _, prompt in keys])
+            for key, result in zip(keys, results):
+                done[key] = result
+                out.write(json.dumps(json_safe(result.to_dict()), allow_nan=False) + "\n")
+            out.flush()
+            bar.update(len(keys))
+    return done
+
+
+def load_scores(path: str | Path) -> dict[Key, VideoScore]:
+    """Results written by `score_benchmark` (a truncated last line, from a killed run, is skipped)."""
+    scores = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            result = VideoScore.from_dict(json.loads(line))
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+        scores[(result.video, result.prompt)] = result
+    return scores
+
+
+def agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
+    """The paper's figures for this benchmark; videos that failed to score are counted and left out."""
+    failed = sorted({key[0] for key in benchmark_videos(bench) if key not in scores or not scores[key].ok})
+    figures = {"benchmark": bench.name, "kind": bench.kind, "note": bench.note, "failed_videos": failed}
+    if bench.kind == "questions":
+        figures["dimensions"] = _question_agreement(bench, scores)
+    elif bench.kind == "ratings":
+        figures["dimensions"] = _rating_agreement(
+            [(scores.get((item.video, item.prompt)), item.human) for item in bench.items])
+    else:
+        figures["pairs"] = _pair_agreement(bench, scores)
+    return figures
+
+
+def _question_agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
+    answers = defaultdict(lambda: ([], []))
+    for item in bench.items:
+        result = scores.get((item.video, item.question.prompt))
+        match = [q for q in (result.questions if result and result.ok else []) if q.question == item.question.question]
+        if match:
+            for dim in (item.question.dimension, "overall"):
+                answers[dim][0].append(match[0].answer)
+                answers[dim][1].append(item.answer)
+    human = human_scores(bench.items)
+    by_video = {item.video: scores.get((item.video, item.question.prompt)) for item in bench.items}
+    table = _rating_agreement([(by_video[video], human[video]) for video in human])
+    for dim, (predicted, truth) in answers.items():
+        table.setdefault(dim, {})["acc"] = metrics.answer_accuracy(predicted, truth)
+        table[dim]["questions"] = len(truth)
+    return table
+
+
+def _rating_agreement(rows: Iterable[tuple[VideoScore | None, dict[str, float]]]) -> dict:
+    """SRCC/PLCC between model and human scores per dimension, with probabilities and without."""
+    columns = defaultdict(lambda: ([], [], []))  # soft, hard, human
+    for result, human in rows:
+        if result is None or not result.ok:
+            continue
+        for dim, value in human.items():
+            soft = result.overall if dim == "overall" else result.dimensions.get(dim)
+            hard = result.hard_overall if dim == "overall" else result.hard_dimensions.get(dim)
+            if soft is not None and not math.isnan(soft):
+                columns[dim][0].append(soft)
+                columns[dim][1].append(hard)
+                columns[dim][2].append(value)
+    table = {}
+    for dim in [*DIMENSIONS, "overall"]:
+        if dim in columns and len(columns[dim][2]) >= 2:
+            soft, hard, human = columns[dim]
+            table[dim] = {"videos": len(human), "srcc": metrics.srcc(soft, human), "plcc": metrics.plcc(soft, human),
+                          "srcc_hard": metrics.srcc(hard, human), "plcc_hard": metrics.plcc(hard, human)}
+    return table
+
+
+def _pair_agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
+    rows = defaultdict(lambda: ([], [], []))
+    for pair in bench.items:
+        a, b = scores.get((pair.video_a, pair.prompt)), scores.get((pair.video_b, pair.prompt))
+        if a is None or b is None or not (a.ok and b.ok):
+            continue
+        dim = PAIR_DIMENSIONS.get(pair.dimension, pair.dimension)
+        value = (lambda r: r.overall) if dim == "overall" else (lambda r: r.dimensions.get(dim))
+        if value(a) is None or value(b) is None:
+            continue
+        rows[pair.dimension][0].append(value(a))
+        rows[pair.dimension][1].append(value(b))
+        rows[pair.dimension][2].append(pair.label)
+    return {dim: metrics.pairwise_accuracy(a, b, labels) for dim, (a, b, labels) in rows.items() if labels}
+
+
+def human_by_video(bench: Benchmark) -> dict[Key, dict[str, float]]:
+    """Human scores per (video, prompt), for reports (pairs have none per video)."""
+    if bench.kind == "questions":
+        prompts = {item.video: item.question.prompt for item in bench.items}
+        return {(video, prompts[video]): scores for video, scores in human_scores(bench.items).items()}
+    if bench.kind == "ratings":
+        return {(item.video, item.prompt): item.human for item in bench.items}
+    return {}
+
+
+def format_table(figures: dict) -> str:
+    """The figures in the shape of the paper's tables."""
+    lines = [f"{figures['benchmark']} ({figures['kind']}): {figures['note']}"]
+    if figures["failed_videos"]:
+        lines.append(f"  {len(figures['failed_videos'])} video(s) failed to score and are left out")
+    if "pairs" in figures:
+        lines.append(f"  {'dimension':<22} {'tau':>7} {'diff':>7} {'epsilon':>8} {'pairs':>6}")
+        for dim, row in figures["pairs"].items():
+            lines.append(f"  {dim:<22} {row['tau']:7.3f} {row['diff']:7.3f} {row['epsilon']:8.4f} {row['pairs']:6d}")
+        return "\n".join(lines)
+    lines.append(f"  {'dimension':<22} {'Acc':>6} {'SRCC':>7} {'PLCC':>7} {'SRCC w/o':>9} {'PLCC w/o':>9} {'n':>5}")
+    for dim, row in figures["dimensions"].items():
+        cells = [row.get(k, math.nan) for k in ("acc", "srcc", "plcc", "srcc_hard", "plcc_hard")]
+        n = row.get("videos", row.get("questions", 0))
+        lines.append(f"  {dim:<22} {cells[0]:6.3f} {cells[1]:7.3f} {cells[2]:7.3f} {cells[3]:9.3f} {cells[4]:9.3f} {n:5d}")
+    return "\n".join(lines)
