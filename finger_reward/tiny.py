@@ -161,3 +161,29 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2_5_vl", seed: int 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def build_chat_model(tokenizer=None, *, seed: int = 0):
+    """A tiny random Qwen2 chat LM with the same offline tokenizer (a policy or question writer for smoke tests).
+
+    Returns (model, tokenizer); the tokenizer carries the chat template.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval(), tokenizer
+
+
+def make_tiny_chat_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Save `build_chat_model` to a directory (TRL rebuilds reference models from a path)."""
+    out = Path(out_dir)
+    model, tokenizer = build_chat_model(seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -95,21 +95,9 @@ def test_async_variant_gives_the_same_rewards(reward):
 @pytest.fixture(scope="module")
 def tiny_policy_dir(tmp_path_factory):
     """A tiny random chat LM (the prompt rewriter), saved so TRL can rebuild its reference model."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from finger_reward.tiny import make_tiny_chat_model
 
-    from finger_reward.tiny import CHAT_TEMPLATE, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("policy")
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_tiny_chat_model(tmp_path_factory.mktemp("policy"))
 
 
 @pytest.mark.slow

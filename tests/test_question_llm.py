@@ -176,18 +176,9 @@ def test_template_is_the_default(tiny_model_dir, mp4_paths):
 
 @pytest.fixture(scope="module")
 def tiny_chat_model():
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from finger_reward.tiny import build_chat_model
 
-    from finger_reward.tiny import CHAT_TEMPLATE, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval(), tokenizer
+    return build_chat_model()
 
 
 def test_transformers_generator_garbage_is_a_clear_error(tiny_chat_model):
