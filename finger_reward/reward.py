@@ -77,6 +77,12 @@ class FingerReward:
         self._batcher = None
         self._batcher_lock = threading.Lock()
 
+    def __getstate__(self):  # picklable for RL frameworks; a running batcher stays with its process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_batcher", "_batcher_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _batcher=None, _batcher_lock=threading.Lock())
+
     @classmethod
     def from_pretrained(
         cls,

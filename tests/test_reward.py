@@ -157,3 +157,14 @@ def test_results_serialise(reward, mp4_paths):
     as_dict = result.to_dict()
     assert as_dict["questions"][0]["question"] == "Is the circle red?"
     assert set(as_dict) >= {"overall", "dimensions", "questions", "hard_overall", "error"}
+
+
+def test_pickles_without_its_batcher(reward, mp4_paths):
+    future = reward.submit(mp4_paths[0], PROMPT)
+    expected = future.result(timeout=60).overall
+    clone = pickle.loads(pickle.dumps(reward))
+    assert clone._batcher is None
+    assert clone([mp4_paths[0]], PROMPT)[0] == pytest.approx(expected, abs=1e-6)
+    assert clone.submit(mp4_paths[0], PROMPT).result(timeout=60).overall == pytest.approx(expected, abs=1e-6)
+    clone.close()
+    reward.close()
