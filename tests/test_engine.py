@@ -119,3 +119,37 @@ def test_gpu_bf16_matches_cpu(tiny_model_dir, clips):
     cpu = TransformersEngine.from_pretrained(str(tiny_model_dir), device="cpu")
     assert gpu.model.dtype == torch.bfloat16
     torch.testing.assert_close(gpu.answer(clips[0], QUESTIONS).probs, cpu.answer(clips[0], QUESTIONS).probs, atol=3e-2, rtol=0)
+
+
+class OutOfMemoryAbove(TransformersEngine):
+    """The real engine, with CUDA out-of-memory injected whenever a batch holds more than `limit` rows."""
+
+    limit = 2
+    attempts: list
+
+    def _forward(self, ids, mask, positions, rope_delta, cache):
+        self.attempts.append(ids.shape[0])
+        if ids.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return super()._forward(ids, mask, positions, rope_delta, cache)
+
+
+@pytest.mark.parametrize("mode", ["answer", "reason"])
+def test_out_of_memory_splits_the_batch_and_retries(tiny_model_and_processor, clips, mode, caplog):
+    model, processor = tiny_model_and_processor
+    whole = TransformersEngine(model, processor, mode=mode, max_new_tokens=4).answer(clips[0], QUESTIONS)
+    engine = OutOfMemoryAbove(model, processor, mode=mode, max_new_tokens=4, question_batch_size=5)
+    engine.attempts = []
+    split = engine.answer(clips[0], QUESTIONS)
+    torch.testing.assert_close(split.probs, whole.probs, atol=1e-5, rtol=0)
+    assert split.reasons == whole.reasons
+    assert engine.attempts[0] == 5 and max(engine.attempts[1:]) <= 2
+    assert "retrying with 2" in caplog.text
+
+
+def test_out_of_memory_on_a_single_question_is_raised(tiny_model_and_processor, clips):
+    model, processor = tiny_model_and_processor
+    engine = OutOfMemoryAbove(model, processor)
+    engine.limit, engine.attempts = 0, []
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.answer(clips[0], QUESTIONS[:2])

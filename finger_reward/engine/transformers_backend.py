@@ -105,16 +105,32 @@ class TransformersEngine:
         if not self.share_prefix:
             return self._answer_plain(clip, questions)
         prefix = self._encode_prefix(clip)
+        suffixes = [self._suffix_ids(q) for q in questions]
         probs, reasons = [], []
-        for start in range(0, len(questions), self.question_batch_size):
-            chunk = [self._suffix_ids(q) for q in questions[start : start + self.question_batch_size]]
-            if self.mode == "answer":
-                probs.append(self._probs(self._extend(prefix, chunk)[0]))
-            else:
-                chunk_probs, chunk_reasons = self._reason(prefix, chunk)
-                probs.append(chunk_probs)
-                reasons += chunk_reasons
+        for chunk_probs, chunk_reasons in self._chunks(prefix, suffixes):
+            probs.append(chunk_probs)
+            reasons += chunk_reasons
         return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+
+    def _chunks(self, prefix: _Prefix, suffixes: list[list[int]]):
+        """Run the questions in chunks of `question_batch_size`; on CUDA out-of-memory, halve the chunk and retry."""
+        size, start = self.question_batch_size, 0
+        while start < len(suffixes):
+            chunk = suffixes[start : start + size]
+            try:
+                if self.mode == "answer":
+                    yield self._probs(self._extend(prefix, chunk)[0]), []
+                else:
+                    yield self._reason(prefix, chunk)
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("CUDA out of memory with %d questions per batch; retrying with %d", len(chunk), size)
+                continue
+            start += len(chunk)
 
     # ---- shared-prefix path ---------------------------------------------------------------------
 
