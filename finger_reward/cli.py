@@ -80,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="HTML file to write")
     report.set_defaults(run=_report_html)
 
+    pairs = commands.add_parser("select-pairs", help="generate candidates per prompt and keep Diffusion-DPO pairs")
+    pairs.add_argument("--pipeline", required=True, help="diffusers video pipeline directory or hub id (e.g. Wan 2.1)")
+    pairs.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl")
+    pairs.add_argument("--num-candidates", type=int, default=4)
+    pairs.add_argument("--out", required=True, help="output directory (videos/, pairs.jsonl); an existing run resumes")
+    pairs.add_argument("--strategy", choices=["best_worst", "all_pairs", "round_robin"], default="best_worst")
+    pairs.add_argument("--margin", type=float, default=0.0, help="minimum score gap of a pair")
+    pairs.add_argument("--dimension", choices=DIMENSIONS, help="select by this dimension's score instead of overall")
+    pairs.add_argument("--seed", type=int, default=0, help="candidate k of every prompt uses seed + k")
+    pairs.add_argument("--num-frames", type=int, default=33)
+    pairs.add_argument("--height", type=int, default=480)
+    pairs.add_argument("--width", type=int, default=832)
+    pairs.add_argument("--steps", type=int, default=30, help="pipeline inference steps")
+    pairs.add_argument("--reward-url", help="score through a running finger-reward service")
+    pairs.add_argument("--questions", help="question bank JSONL (default: template questions)")
+    pairs.add_argument("--model", default=os.environ.get(MODEL_ENV), help=f"FingER checkpoint (default: ${MODEL_ENV})")
+    pairs.set_defaults(run=_select_pairs)
+
     demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
     demo.add_argument("--out", help="where to write clips and the tiny model (default: a new temporary directory)")
     _add_model_options(demo, model_required=False)
@@ -283,6 +301,36 @@ def _report_html(args) -> int:
     from finger_reward.report import load_results, write_report
 
     print(write_report(load_results(args.results), args.out))
+    return 0
+
+
+def _select_pairs(args) -> int:
+    from diffusers import DiffusionPipeline
+
+    from finger_reward.dpo_pairs import select_dpo_pairs
+
+    if bool(args.reward_url) == bool(args.model):
+        raise FingerError("pass exactly one of --reward-url URL or --model PATH")
+    if args.reward_url:
+        from finger_reward.serve import FingerRewardClient
+
+        reward = FingerRewardClient(args.reward_url)
+    else:
+        from finger_reward.reward import FingerReward
+
+        reward = FingerReward.from_pretrained(args.model, questions=args.questions)
+    pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
+    if hasattr(pipeline, "to"):
+        import torch
+
+        pipeline = pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+    out = select_dpo_pairs(
+        pipeline, read_prompts(args.prompts), reward, args.out, num_candidates=args.num_candidates,
+        strategy=args.strategy, margin=args.margin, dimension=args.dimension, seed=args.seed,
+        pipeline_kwargs=dict(num_frames=args.num_frames, height=args.height, width=args.width,
+                             num_inference_steps=args.steps),
+    )
+    print(out)
     return 0
 
 
