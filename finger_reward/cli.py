@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")
     score.set_defaults(run=_score)
 
+    score_dir = commands.add_parser("score-dir", help="score many videos, writing results as it goes (resumable)")
+    score_dir.add_argument("video_dir", help="directory the prompts file's video paths are relative to")
+    score_dir.add_argument("--prompts", required=True, help='JSONL: {"video": "relative/path.mp4", "prompt": "..."} per line')
+    score_dir.add_argument("--questions", help="question bank JSONL (default: template questions)")
+    score_dir.add_argument("--out", required=True, help="results JSONL; videos already in it are skipped")
+    score_dir.add_argument("--chunk", type=int, default=16, help="videos per scoring call (results are saved per chunk)")
+    _add_model_options(score_dir)
+    score_dir.set_defaults(run=_score_dir)
+
     questions = commands.add_parser("questions", help="generate a question bank from prompts (resumable)")
     questions.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl ({\"prompt\": ...} per line)")
     questions.add_argument("--out", required=True, help="question bank JSONL; prompts already in it are skipped")
@@ -154,6 +163,37 @@ def _score(args) -> int:
         raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
     reward = _load_reward(args, args.model, args.questions)
     return _report(reward.score(args.videos, args.prompt), as_json=args.json)
+
+
+def _score_dir(args) -> int:
+    from finger_reward.scorefile import score_to_file
+
+    if not args.model:
+        raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
+    keys = read_video_prompts(args.prompts, args.video_dir)
+    reward = _load_reward(args, args.model, args.questions)
+    results = score_to_file(reward, keys, args.out, chunk=args.chunk)
+    failed = [key for key in keys if not results[key].ok]
+    for video, _ in failed:
+        print(f"finger-reward: error: {results[(video, _)].error}", file=sys.stderr)
+    print(f"{len(keys) - len(failed)} of {len(keys)} video(s) scored; results in {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def read_video_prompts(path: str | Path, video_dir: str | Path) -> list[tuple[str, str]]:
+    """(video path, prompt) pairs from a JSONL of {"video": ..., "prompt": ...}, paths joined to `video_dir`."""
+    path, pairs = Path(path), []
+    if not path.is_file():
+        raise FingerError(f"prompts file {path} not found")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pairs.append((str(Path(video_dir) / record["video"]), str(record["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise FingerError(f'{path}, line {number}: expected {{"video": ..., "prompt": ...}}') from None
+    return pairs
 
 
 def _demo(args) -> int:
@@ -292,7 +332,9 @@ def _eval(args) -> int:
         from finger_reward.report import write_report
 
         human = ev.human_by_video(bench)
-        scored = ev.load_scores(scores_path)
+        from finger_reward.scorefile import load_scores
+
+        scored = load_scores(scores_path)
         write_report([(result, human.get(key)) for key, result in scored.items()], args.report)
     return 0
 

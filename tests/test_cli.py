@@ -123,3 +123,35 @@ def test_questions_bad_prompts_file(tmp_path):
     prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
     done = run("questions", "--prompts", prompts, "--out", tmp_path / "b.jsonl")
     assert done.returncode == 2 and "p.jsonl, line 2" in done.stderr
+
+
+def test_score_dir_resumes_after_a_kill(tiny_model_dir, bank_path, mp4_paths, tmp_path):
+    from finger_reward import FingerReward
+
+    root = mp4_paths[0].parent
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"video": p.name, "prompt": PROMPT} for p in mp4_paths] + [{"video": "missing.mp4", "prompt": PROMPT}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "results.jsonl"
+    args = ["score-dir", root, "--prompts", prompts, "--questions", bank_path, "--model", tiny_model_dir, "--out", out, "--chunk", "2"]
+    done = run(*args)
+    assert done.returncode == 1 and "missing.mp4" in done.stderr and "3 of 4 video(s) scored" in done.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4
+    direct = FingerReward.from_pretrained(tiny_model_dir, questions=bank_path).score(mp4_paths, PROMPT)
+    written = {json.loads(line)["video"]: json.loads(line)["overall"] for line in lines}
+    for path, result in zip(mp4_paths, direct):
+        assert written[str(path)] == pytest.approx(result.overall, abs=1e-6)
+
+    # A kill in the middle of writing: the last line is cut short. The rerun repairs and finishes the file.
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    done = run(*args)
+    assert "unfinished last line" in done.stderr
+    again = out.read_text().splitlines()
+    assert len(again) == 4 and again[:2] == lines[:2]
+    assert sorted(json.loads(line)["video"] for line in again) == sorted(json.loads(line)["video"] for line in lines)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"video": "a.mp4"}\n')
+    done = run("score-dir", root, "--prompts", bad, "--model", tiny_model_dir, "--out", tmp_path / "x.jsonl")
+    assert done.returncode == 2 and "bad.jsonl, line 1" in done.stderr

@@ -9,7 +9,6 @@ pairwise tau/diff for preference pairs (Table 3).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -18,9 +17,9 @@ from pathlib import Path
 from finger_reward import metrics
 from finger_reward.evaluation.loaders import Benchmark, human_scores
 from finger_reward.questions import DIMENSIONS, QuestionBank
-from finger_reward.results import VideoScore, json_safe
+from finger_reward.results import VideoScore
+from finger_reward.scorefile import Key, score_to_file
 
-Key = tuple[str, str]  # (video, prompt)
 
 # Published pair dimensions with a FingER counterpart (VideoGen-RewardBench's motion quality, MQ, has none).
 PAIR_DIMENSIONS = {"overall": "overall", "VQ": "visual_quality", "TA": "text_alignment"}
@@ -48,34 +47,7 @@ def benchmark_bank(bench: Benchmark) -> QuestionBank | None:
 
 def score_benchmark(reward, bench: Benchmark, scores_path: str | Path, *, chunk: int = 16) -> dict[Key, VideoScore]:
     """Score every (video, prompt) of the benchmark not yet in `scores_path`, appending as it goes."""
-    from tqdm.auto import tqdm
-
-    scores_path = Path(scores_path)
-    done = load_scores(scores_path) if scores_path.exists() else {}
-    todo = [key for key in benchmark_videos(bench) if key not in done]
-    scores_path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(todo), desc=f"scoring {bench.name}", unit="video") as bar, scores_path.open("a") as out:
-        for start in range(0, len(todo), chunk):
-            keys = todo[start : start + chunk]
-            results = reward.score([video for video, _ in keys], [prompt for _, prompt in keys])
-            for key, result in zip(keys, results):
-                done[key] = result
-                out.write(json.dumps(json_safe(result.to_dict()), allow_nan=False) + "\n")
-            out.flush()
-            bar.update(len(keys))
-    return done
-
-
-def load_scores(path: str | Path) -> dict[Key, VideoScore]:
-    """Results written by `score_benchmark` (a truncated last line, from a killed run, is skipped)."""
-    scores = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            result = VideoScore.from_dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError, KeyError):
-            continue
-        scores[(result.video, result.prompt)] = result
-    return scores
+    return score_to_file(reward, benchmark_videos(bench), scores_path, chunk=chunk, desc=f"scoring {bench.name}")
 
 
 def agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:

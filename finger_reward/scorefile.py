@@ -1,0 +1,64 @@
+"""Results files: one VideoScore per JSONL line, appended as videos are scored, so a killed run resumes.
+
+`finger-reward eval` and `finger-reward score-dir` both write them, and `finger-reward report`
+reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from finger_reward.results import VideoScore, json_safe
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (video, prompt)
+
+
+def load_scores(path: str | Path) -> dict[Key, VideoScore]:
+    """Results by (video, prompt); a line cut short by a killed run is skipped."""
+    scores = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            result = VideoScore.from_dict(json.loads(line))
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+        scores[(result.video, result.prompt)] = result
+    return scores
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a killed run left unfinished, so appending starts on a fresh line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        logger.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+        path.write_bytes(data[:keep])
+
+
+def score_to_file(reward, keys: list[Key], path: str | Path, *, chunk: int = 16, desc: str = "scoring") -> dict[Key, VideoScore]:
+    """Score every (video, prompt) not yet in `path`, appending each result as its chunk finishes.
+
+    Failed videos are written too (with their error), so a rerun does not retry them; delete their
+    lines to retry. Returns all results in the file, old and new.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    if path.exists():
+        _drop_partial_line(path)
+    done = load_scores(path) if path.exists() else {}
+    todo = [key for key in dict.fromkeys(keys) if key not in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(todo), desc=desc, unit="video") as bar, path.open("a", encoding="utf-8") as out:
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
+            results = reward.score([video for video, _ in batch], [prompt for _, prompt in batch])
+            for key, result in zip(batch, results):
+                done[key] = result
+                out.write(json.dumps(json_safe(result.to_dict()), allow_nan=False) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    return done
