@@ -1,0 +1,424 @@
+"""Diffusion-DPO for flow-matching text-to-video transformers (Wan 2.1 first), training a LoRA policy.
+
+The algorithm (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
+CVPR 2024), in the rectified-flow form of `trainers/flow_matching.py`:
+
+1. Encode once. Every pair's chosen (w) and rejected (l) video goes through the pipeline's VAE and
+   its prompt through the text encoder; the latents and text states are cached in memory, so
+   neither encoder runs during training.
+2. Each step, per pair: one noise level sigma ~ sigmoid(N(sigma_mean, sigma_std)) (logit-normal)
+   and one noise tensor n, shared by both videos: x_t = sigma n + (1 - sigma) x0, target v = n - x0.
+3. The policy (transformer + LoRA) and the reference (the same transformer with its adapter
+   disabled, so no second copy in memory) predict v for both videos; err = per-sample mean
+   squared velocity error.
+4. loss = -log sigmoid(-beta/2 ((err_w - err_l) - (ref_err_w - ref_err_l))): the policy is pushed
+   to denoise the chosen video better, and the rejected one worse, than the reference does.
+
+LoRA's B matrices start at zero, so the policy starts equal to the reference and the first
+loss is exactly ln 2. Only the LoRA weights train; they are saved in diffusers' format, so
+`pipe.load_lora_weights(output_dir)` applies them.
+
+Pairs file: JSONL, one pair per line with at least "prompt", "chosen" and "rejected" (video
+paths; relative paths are read from the pairs file's folder), as `finger_reward/dpo_pairs.py`
+writes it. Other keys (scores, seeds) are ignored.
+
+Launch (one GPU):
+
+    python -m finger_reward.trainers.diffusion_dpo --config configs/dpo_wan.yaml \
+        --pairs_file runs/pairs/pairs.jsonl --output_dir runs/dpo_wan
+
+Launch (8 GPUs, data parallel, one process per GPU; each process caches and trains on its share):
+
+    accelerate launch --num_processes 8 -m finger_reward.trainers.diffusion_dpo \
+        --config configs/dpo_wan.yaml --pairs_file runs/pairs/pairs.jsonl --output_dir runs/dpo_wan
+
+Use the result:
+
+    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16)
+    pipe.load_lora_weights("runs/dpo_wan")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from finger_reward.errors import VideoError
+from finger_reward.trainers.flow_matching import (
+    add_lora,
+    add_noise,
+    encode_prompts,
+    encode_videos,
+    logit_normal_sigmas,
+    lora_parameters,
+    predict_velocity,
+    velocity_target,
+)
+from finger_reward.video import load_video
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Diffusion-DPO loss (Wallace et al. 2024, Eq. 14) on per-sample squared errors, shape (B,).
+
+        loss = -mean log sigmoid(-beta/2 * ((err_w - err_l) - (ref_err_w - ref_err_l)))
+
+    err_* are the policy's and ref_err_* the reference's mean squared (velocity) errors on the
+    chosen (w) and rejected (l) sample, noised with the same noise and sigma. The paper's constant
+    T * omega(lambda_t) is folded into beta; the 1/2 is that of the paper's released code, where
+    beta = 5000. Metrics (detached): the implicit rewards -beta/2 (err - ref_err) of each sample,
+    their margin (the sigmoid's argument) and the implicit accuracy (share of pairs with margin > 0).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    shapes = {tuple(t.shape) for t in (err_w, err_l, ref_err_w, ref_err_l)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"errors must be four 1-D tensors of one shape (B,), got shapes {sorted(shapes)}")
+    reward_w = -0.5 * beta * (err_w - ref_err_w)
+    reward_l = -0.5 * beta * (err_l - ref_err_l)
+    margin = reward_w - reward_l  # = -beta/2 ((err_w - err_l) - (ref_err_w - ref_err_l))
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {
+        "loss": loss, "implicit_accuracy": (margin > 0).float().mean(), "rewards/chosen": reward_w.mean(),
+        "rewards/rejected": reward_l.mean(), "rewards/margin": margin.mean(), "err/chosen": err_w.mean(),
+        "err/rejected": err_l.mean(), "ref_err/chosen": ref_err_w.mean(), "ref_err/rejected": ref_err_l.mean(),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ---- the recipe -------------------------------------------------------------------------------
+
+
+@dataclass
+class DPORecipe:
+    """Every setting of a Diffusion-DPO run; `configs/dpo_wan.yaml` sets them for Wan2.1-T2V-1.3B."""
+
+    pretrained_model: str = field(default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                                  metadata={"help": "diffusers pipeline folder or hub id (WanPipeline layout)"})
+    pairs_file: str | None = field(default=None, metadata={"help": "pairs.jsonl with prompt, chosen, rejected (required)"})
+    output_dir: str | None = field(default=None, metadata={"help": "where the LoRA and checkpoint-N/ go (required)"})
+    beta: float = field(default=5000.0, metadata={
+        "help": "DPO strength; 5000 as Diffusion-DPO's released recipes (errors are means over latent elements, "
+                "so differences are small and beta is in the thousands); lower it if the policy drifts"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the LoRA weights"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up, in optimizer steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the LoRA gradient norm (0: no clipping)"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank on the attention projections"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout inside the LoRA branch"})
+    batch_size: int = field(default=1, metadata={"help": "pairs per process per micro-step (2x videos per forward)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    num_frames: int = field(default=81, metadata={"help": "frames per video, 4k + 1 (Wan's VAE); the first ones are kept"})
+    height: int = field(default=480, metadata={"help": "frame height, a multiple of 16 (resize to cover, centre crop)"})
+    width: int = field(default=832, metadata={"help": "frame width, a multiple of 16"})
+    max_sequence_length: int = field(default=512, metadata={"help": "prompt tokens (WanPipeline's default 512)"})
+    sigma_mean: float = field(default=0.0, metadata={"help": "mean of the logit-normal noise-level sampling"})
+    sigma_std: float = field(default=1.0, metadata={"help": "std of the logit-normal noise-level sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of LoRA init, pair order, noise and sigmas"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no, fp16 or bf16: frozen weights load in that dtype (VAE stays float32), LoRA weights stay float32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    save_steps: int = field(default=250, metadata={"help": "save the LoRA to checkpoint-N/ every N steps (0: only at the end)"})
+    logging_steps: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    report_to: str = field(default="none", metadata={"help": "accelerate tracker: none, tensorboard, wandb, ..."})
+
+    def __post_init__(self):
+        for f in fields(self):  # YAML reads 1e-5 as a string; take numbers written either way
+            if f.type in ("float", "int") and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, (float if f.type == "float" else int)(getattr(self, f.name)))
+        if self.num_frames < 1 or self.num_frames % 4 != 1:
+            raise ValueError(f"num_frames={self.num_frames} must be 4k + 1 (Wan's VAE compresses time 4x after "
+                             "the first frame): use e.g. 5, 33, 49 or 81")
+        if self.height < 16 or self.width < 16 or self.height % 16 or self.width % 16:
+            raise ValueError(f"height={self.height} and width={self.width} must be multiples of 16 (VAE 8x, patch 2x)")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; expected one of {', '.join(MIXED_PRECISION)}")
+        positive = ("beta", "learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps",
+                    "max_steps", "sigma_std", "logging_steps", "max_sequence_length")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if not getattr(self, name) > 0]
+        bad += [f"{name}={getattr(self, name)}" for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm",
+                                                              "save_steps") if getattr(self, name) < 0]
+        if not 0 <= self.lora_dropout < 1:
+            bad.append(f"lora_dropout={self.lora_dropout}")
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}; rates, sizes and counts must be positive, "
+                             "warm-up, decay, clipping and save_steps non-negative, dropout in [0, 1)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "DPORecipe":
+        """Fields from a flat YAML file (unknown keys are an error naming the valid ones), then `overrides`."""
+        return cls(**{**read_yaml(path), **overrides})
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a flat mapping of DPORecipe fields, got {type(values).__name__}")
+    known = {f.name for f in fields(DPORecipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    return values
+
+
+# ---- data: pairs -> cached latents -------------------------------------------------------------
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """The pairs of a JSONL file, with video paths made absolute (relative ones are read from its folder)."""
+    path = Path(path)
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        missing = [k for k in PAIR_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing key(s) {', '.join(missing)}; each pair needs {', '.join(PAIR_KEYS)}")
+        pair = {"prompt": str(record["prompt"])}
+        for key in ("chosen", "rejected"):
+            video = Path(record[key])
+            pair[key] = str(video if video.is_absolute() else path.parent / video)
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs")
+    return pairs
+
+
+def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """A video file as float (C, F, H, W) in [-1, 1]: its first `num_frames` frames (so the clip keeps
+    its frame rate), resized to cover height x width (aspect kept) and centre-cropped. A shorter clip
+    is an error, never padded."""
+    clip = load_video(path, fps=1e6, max_frames=1 << 30, max_pixels=1 << 40, patch_factor=1)  # every frame, as is
+    frames = clip.frames
+    if frames.shape[0] < num_frames:
+        raise VideoError(path, f"has {frames.shape[0]} frames; num_frames={num_frames} needs at least that many: "
+                               "lower num_frames (4k + 1) or regenerate the pairs")
+    frames = frames[:num_frames].float()
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if size != (h, w):
+        frames = F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    frames = frames[..., top:top + height, left:left + width]
+    return (frames / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+@torch.no_grad()
+def cache_pairs(pipe, pairs: list[dict], recipe: DPORecipe, show_progress: bool = True) -> list[dict]:
+    """VAE latents of each pair's two videos and the prompt's text states, computed once, kept on the CPU."""
+    cache, prompt_states = [], {}
+    for pair in tqdm(pairs, desc="encoding pairs", disable=not show_progress):
+        videos = torch.stack([load_clip(pair[k], recipe.num_frames, recipe.height, recipe.width)
+                              for k in ("chosen", "rejected")])
+        latents = encode_videos(pipe, videos).float().cpu()
+        if pair["prompt"] not in prompt_states:
+            prompt_states[pair["prompt"]] = encode_prompts(pipe, [pair["prompt"]], recipe.max_sequence_length)[0].cpu()
+        cache.append({"chosen": latents[0], "rejected": latents[1], "prompt_embeds": prompt_states[pair["prompt"]]})
+    return cache
+
+
+def batches(num_items: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of indices: shuffled epochs, each item once per epoch (the last partial batch dropped)."""
+    while True:
+        order = torch.randperm(num_items, generator=generator).tolist()
+        for start in range(0, num_items - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+# ---- one step's errors -------------------------------------------------------------------------
+
+
+@contextmanager
+def adapters_disabled(transformer):
+    """The reference model: the same transformer with its LoRA switched off (re-enabled, trainable, after)."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+def pair_errors(transformer, batch: dict, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean squared velocity errors (err_w, err_l): both videos noised with the same noise and sigma,
+    predicted in one forward pass of 2B videos."""
+    latents = torch.cat([batch["chosen"], batch["rejected"]])
+    noise, sigmas = torch.cat([noise, noise]), torch.cat([sigmas, sigmas])
+    prompt_embeds = torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]])
+    pred = predict_velocity(transformer, add_noise(latents, noise, sigmas), sigmas, prompt_embeds)
+    err = (pred.float() - velocity_target(latents, noise).float()).pow(2).flatten(1).mean(1)
+    return err.chunk(2)
+
+
+# ---- saving ------------------------------------------------------------------------------------
+
+
+def save_lora(pipeline_class, transformer, out_dir: str | Path) -> Path:
+    """The LoRA in diffusers' format (pytorch_lora_weights.safetensors, with its rank/alpha config),
+    so `pipe.load_lora_weights(out_dir)` applies it."""
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    pipeline_class.save_lora_weights(
+        out_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    return out_dir
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def train(recipe: DPORecipe, *, pipe=None) -> dict:
+    """Run Diffusion-DPO; returns {"history": one metrics dict per optimizer step, "output_dir": ...}.
+
+    `pipe`: an already-loaded pipeline to train in place (its transformer gets the LoRA; its dtype is
+    used as it is); None loads `recipe.pretrained_model` with the recipe's mixed-precision dtype.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if recipe.pairs_file is None or recipe.output_dir is None:
+        raise ValueError("pairs_file and output_dir are required: pass --pairs_file PAIRS.jsonl --output_dir DIR")
+    output_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision,
+                              gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                              log_with=None if recipe.report_to == "none" else recipe.report_to, project_dir=output_dir)
+    set_seed(recipe.seed)
+    main_process = accelerator.is_main_process
+
+    # 1. The pipeline, and every pair encoded once (each process encodes and trains on its share).
+    if pipe is None:
+        from diffusers import DiffusionPipeline
+
+        dtype = {"default": MIXED_PRECISION[recipe.mixed_precision], "vae": torch.float32}  # Wan's VAE wants float32
+        pipe = DiffusionPipeline.from_pretrained(recipe.pretrained_model, dtype=dtype)
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError("pipelines with two transformer experts (Wan 2.2 A14B) are not supported yet; use one with "
+                         "a single transformer (Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B)")
+    if getattr(pipe.transformer, "peft_config", None):
+        raise ValueError(f"the transformer already has adapter(s) {sorted(pipe.transformer.peft_config)}; "
+                         "fuse or unload them (pipe.fuse_lora(); pipe.unload_lora_weights()) before training a new one")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    pairs = read_pairs(recipe.pairs_file)
+    if len(pairs) < recipe.batch_size * accelerator.num_processes:
+        raise ValueError(f"{len(pairs)} pairs cannot fill batch_size={recipe.batch_size} on "
+                         f"{accelerator.num_processes} process(es); lower batch_size or add pairs")
+    with accelerator.split_between_processes(pairs) as own_pairs:
+        cache = cache_pairs(pipe, own_pairs, recipe, show_progress=main_process)
+    pipe.text_encoder.to("cpu")  # the cache holds all that training needs from the encoders
+    pipe.vae.to("cpu")
+
+    # 2. The policy: a LoRA on the transformer (float32 weights); the reference is the same model, adapter off.
+    transformer = add_lora(pipe.transformer, rank=recipe.lora_rank, alpha=recipe.lora_alpha, dropout=recipe.lora_dropout)
+    params = lora_parameters(transformer)
+    for p in params:
+        p.data = p.data.float()
+    if recipe.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (recipe.lr_warmup_steps + 1)))
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model = accelerator.unwrap_model(transformer)
+    if recipe.report_to != "none":
+        accelerator.init_trackers("diffusion_dpo", config=asdict(recipe))
+
+    # 3. The loop: same noise and sigma for chosen and rejected; DPO loss against the adapter-free reference.
+    generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
+    order = batches(len(cache), recipe.batch_size, generator)
+    history = []
+    progress = tqdm(range(1, recipe.max_steps + 1), desc="diffusion-dpo", disable=not main_process)
+    for step in progress:
+        step_metrics = []
+        for _ in range(recipe.gradient_accumulation_steps):
+            items = [cache[i] for i in next(order)]
+            batch = {k: torch.stack([item[k] for item in items]).to(accelerator.device) for k in items[0]}
+            noise = torch.randn(batch["chosen"].shape, generator=generator).to(accelerator.device)
+            sigmas = logit_normal_sigmas(len(items), mean=recipe.sigma_mean, std=recipe.sigma_std,
+                                         generator=generator).to(accelerator.device)
+            with accelerator.accumulate(transformer):
+                with torch.no_grad(), adapters_disabled(model), accelerator.autocast():
+                    ref_err_w, ref_err_l = pair_errors(model, batch, noise, sigmas)
+                with accelerator.autocast():
+                    err_w, err_l = pair_errors(transformer, batch, noise, sigmas)
+                loss, metrics = dpo_loss(err_w, err_l, ref_err_w, ref_err_l, recipe.beta)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, recipe.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_metrics.append(torch.stack(list(metrics.values())))
+        warmup.step()
+        values = accelerator.reduce(torch.stack(step_metrics).mean(0).to(accelerator.device), reduction="mean")
+        record = {"step": step, "lr": warmup.get_last_lr()[0], **dict(zip(metrics, values.tolist()))}
+        history.append(record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_accuracy']:.2f}")
+        if step % recipe.logging_steps == 0 or step == recipe.max_steps:
+            accelerator.log(record, step=step)
+            if main_process:
+                logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+        if recipe.save_steps and step % recipe.save_steps == 0 and step < recipe.max_steps and main_process:
+            save_lora(type(pipe), model, output_dir / f"checkpoint-{step}")
+
+    # 4. The LoRA, loadable by the pipeline, and the recipe that made it.
+    accelerator.wait_for_everyone()
+    if main_process:
+        save_lora(type(pipe), model, output_dir)
+        (output_dir / "dpo_recipe.json").write_text(json.dumps(asdict(recipe), indent=2), encoding="utf-8")
+    accelerator.end_training()
+    return {"history": history, "output_dir": str(output_dir)}
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> DPORecipe:
+    """DPORecipe from `--config YAML` (optional) and `--field value` flags, which win over the YAML."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config = pre.parse_known_args(argv)[0].config
+    parser = HfArgumentParser(DPORecipe, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="flat YAML whose keys are the fields below (configs/dpo_wan.yaml)")
+    if config is not None:
+        parser.set_defaults(**read_yaml(config))
+    return parser.parse_args_into_dataclasses(args=argv)[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(parse_args(argv))
+    if result["history"]:
+        last = result["history"][-1]
+        logger.info("done: loss %.4f (ln 2 = %.4f at the start), LoRA in %s", last["loss"], math.log(2),
+                    result["output_dir"])
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
