@@ -239,3 +239,20 @@ def test_yaml_unknown_keys_and_bad_values_raise(tmp_path):
         DPORecipe(beta=0)
     with pytest.raises(ValueError, match="pairs_file and output_dir are required"):
         train(DPORecipe())
+
+
+def test_trains_on_pairs_selected_by_finger(wan_dir, tiny_model_dir, tmp_path):
+    """The two halves of the Diffusion-DPO workflow fit: select_dpo_pairs' output is this trainer's input."""
+    from diffusers import WanPipeline
+
+    from finger_reward import FingerReward
+    from finger_reward.dpo_pairs import select_dpo_pairs
+
+    pipe = WanPipeline.from_pretrained(wan_dir)
+    pairs = select_dpo_pairs(pipe, ["a red kite flies over a hill"], FingerReward.from_pretrained(tiny_model_dir),
+                             tmp_path / "pairs", num_candidates=2, progress=False,
+                             pipeline_kwargs=dict(num_frames=5, height=32, width=32, num_inference_steps=2))
+    recipe = DPORecipe(pretrained_model=str(wan_dir), pairs_file=str(pairs), output_dir=str(tmp_path / "lora"),
+                       num_frames=5, height=32, width=32, max_steps=1, save_steps=0, logging_steps=1)
+    history = train(recipe)["history"]
+    assert len(history) == 1 and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
