@@ -1,0 +1,257 @@
+"""FingER-Instruct training data: records, the JSONL loader, and the video SFT collator.
+
+A FingER-Instruct line (DESIGN.md, Contracts) holds the question fields (prompt, dimension,
+entity, question, positive) plus `video`, `answer` ("Yes"/"No") and `reason`. SFT trains the
+evaluator to write, after the engine's own prompt (`prompts.split_prompt`), either the answer
+alone (mode "answer") or `<reason>...</reason><answer>...</answer>` (mode "reason").
+
+The collator renders exactly the chat the engine scores with and calls the processor exactly as
+the engine does (`processor_inputs`), on frames sampled by the same `load_video`, so what the
+model is trained on is what it is asked at inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finger_reward import prompts
+from finger_reward.errors import FingerError
+from finger_reward.questions.record import Question
+from finger_reward.video import Clip, load_video
+
+logger = logging.getLogger(__name__)
+
+ANSWERS = ("Yes", "No")
+_TAGS = (prompts.REASON_OPEN, prompts.REASON_CLOSE, prompts.ANSWER_OPEN, prompts.ANSWER_CLOSE)
+_YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_ASSISTANT_SENTINEL = "\x00FINGER_COMPLETION\x00"
+
+
+class InstructError(FingerError):
+    """A FingER-Instruct line or record is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class InstructRecord:
+    """One training example: a question about a video, its answer and the reason for it.
+
+    `source` ("file, line N") only says where the record came from, for error messages.
+    """
+
+    prompt: str
+    dimension: str
+    entity: str
+    question: str
+    positive: bool
+    video: str
+    answer: str
+    reason: str = ""
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        self.as_question()  # validates the question fields (QuestionError names the field)
+        if not isinstance(self.video, str) or not self.video.strip():
+            raise InstructError(f"field 'video' must be a non-empty path, got {self.video!r}")
+        if self.answer not in ANSWERS:
+            raise InstructError(f"field 'answer' must be 'Yes' or 'No', got {self.answer!r}")
+        if not isinstance(self.reason, str):
+            raise InstructError(f"field 'reason' must be a string, got {type(self.reason).__name__}")
+        tags = [tag for tag in _TAGS if tag in self.reason]
+        if tags:
+            raise InstructError(f"field 'reason' must not contain the tag(s) {', '.join(tags)}; give the bare text")
+
+    def as_question(self) -> Question:
+        return Question(self.prompt, self.dimension, self.entity, self.question, self.positive)
+
+    @classmethod
+    def from_dict(cls, row: dict, *, source: str = "") -> "InstructRecord":
+        """Build from a JSON object; "answer" is matched case-insensitively and stored as "Yes"/"No"."""
+        if not isinstance(row, dict):
+            raise InstructError(f"expected a JSON object, got {type(row).__name__}")
+        question = Question.from_dict(row)
+        missing = [key for key in ("video", "answer") if key not in row]
+        if missing:
+            raise InstructError(f"missing field(s) {', '.join(missing)}")
+        answer = row["answer"]
+        if isinstance(answer, str):
+            answer = next((a for a in ANSWERS if a.lower() == answer.strip().lower()), answer)
+        reason = row.get("reason")
+        return cls(**question.to_dict(), video=row["video"], answer=answer,
+                   reason="" if reason is None else reason, source=source or row.get("source", ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_instruct(path: str | Path, *, mode: str | None = None, video_root: str | Path | None = None) -> list[InstructRecord]:
+    """Read FingER-Instruct JSONL; a bad line raises `InstructError` naming the file and line.
+
+    Relative video paths are resolved against `video_root` (default: the JSONL's folder) and
+    must exist. With `mode="reason"` every line needs a non-empty reason.
+    """
+    path = Path(path)
+    if mode is not None:
+        prompts.check_mode(mode)
+    if not path.is_file():
+        raise InstructError(f"FingER-Instruct file {path} not found")
+    root = Path(video_root) if video_root is not None else path.parent
+    records, with_yes_no = [], []
+    with path.open("rb") as lines:  # decoded per line, so a non-UTF-8 line is reported by number
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = _parse_line(line, where, root, mode)
+            except (UnicodeDecodeError, json.JSONDecodeError, FingerError) as err:
+                raise InstructError(f"{where}: {err}") from None
+            if mode == "reason" and _YES_NO_WORD.search(record.reason):
+                with_yes_no.append(where)
+            records.append(record)
+    if not records:
+        raise InstructError(f"{path} holds no records")
+    if with_yes_no:
+        logger.warning(
+            "%d reason(s) contain the word Yes or No (first: %s); FingER's format reward gives such "
+            "completions 0, so SFT on them teaches a format that GRPO then penalises", len(with_yes_no), with_yes_no[0],
+        )
+    return records
+
+
+def _parse_line(line: bytes, where: str, root: Path, mode: str | None) -> InstructRecord:
+    record = InstructRecord.from_dict(json.loads(line.decode("utf-8")), source=where)
+    video = Path(record.video)
+    video = video if video.is_absolute() else root / video
+    if not video.is_file():
+        raise InstructError(f"video {video} not found")
+    if mode == "reason" and not record.reason.strip():
+        raise InstructError("field 'reason' is empty; reason SFT needs a reason on every line")
+    return InstructRecord(**{**record.to_dict(), "video": str(video), "source": where})
+
+
+def completion_text(record: InstructRecord, mode: str) -> str:
+    """What the model learns to write: "Yes"/"No", or `<reason>...</reason><answer>...</answer>`."""
+    if prompts.check_mode(mode) == "answer":
+        return record.answer
+    if not record.reason.strip():
+        raise InstructError(f"{record.source or 'record'}: reason SFT needs a non-empty 'reason'")
+    return (f"{prompts.REASON_OPEN}{record.reason.strip()}{prompts.REASON_CLOSE}"
+            f"{prompts.ANSWER_OPEN}{record.answer}{prompts.ANSWER_CLOSE}")
+
+
+# ---- the processor call shared with the engine --------------------------------------------------
+
+
+def patch_factor(processor) -> int:
+    """Frame sides must be multiples of this (as `TransformersEngine.patch_factor`): patch size x spatial merge."""
+    video = processor.video_processor
+    return video.patch_size * video.merge_size
+
+
+def processor_inputs(processor, text: str, clip: Clip):
+    """One text with one clip through the processor, exactly as `TransformersEngine._model_inputs` calls it.
+
+    Frames are already resized by `load_video` (`do_resize=False`), and the clip's real frame
+    rate goes in as `video_metadata`, so mrope's temporal positions follow real time.
+    """
+    return processor(
+        text=[text], videos=[clip.frames], video_metadata=[clip.metadata],
+        do_resize=False, return_tensors="pt",
+    )
+
+
+# ---- the collator -------------------------------------------------------------------------------
+
+
+class VideoSFTCollator:
+    """Records (or dataset rows) -> a right-padded batch for a video VLM, loss on the completion only.
+
+    Each row is the engine's prompt for the record's question (system turn, video, question,
+    assistant header), then the completion and the chat template's end-of-turn token. Labels are
+    -100 on the prompt and on padding. Video tensors (`pixel_values_videos`, `video_grid_thw`,
+    `second_per_grid_ts`, ...) are the processor's, concatenated over the batch.
+    """
+
+    def __init__(self, processor, mode: str = "answer", *, fps: float = 2.0, max_frames: int = 48,
+                 max_pixels: int = 448 * 448):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.mode = prompts.check_mode(mode)
+        self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels,
+                                  patch_factor=patch_factor(processor))
+        self.split = prompts.split_prompt(processor, mode)
+        self.end_of_turn = _end_of_turn(processor, mode)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+
+    def prompt_text(self, record: InstructRecord) -> str:
+        """The engine's prompt for this question (`split.prefix + question + split.suffix`)."""
+        return self.split.prefix + self.split.text_after_video(record.question)
+
+    def load_clip(self, record: InstructRecord) -> Clip:
+        name = f"{record.video} ({record.source})" if record.source else record.video
+        return load_video(record.video, name=name, **self.video_options)
+
+    def __call__(self, examples: list[InstructRecord | dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rows = [self._row(ex if isinstance(ex, InstructRecord) else _record(ex, i)) for i, ex in enumerate(examples)]
+        return self._pad(rows)
+
+    def _row(self, record: InstructRecord) -> dict:
+        inputs = processor_inputs(self.processor, self.prompt_text(record), self.load_clip(record))
+        completion = self.tokenizer.encode(completion_text(record, self.mode) + self.end_of_turn,
+                                           add_special_tokens=False)
+        completion = torch.tensor(completion, dtype=inputs["input_ids"].dtype)
+        prompt = inputs["input_ids"][0]
+        row = {
+            "input_ids": torch.cat([prompt, completion]),
+            "labels": torch.cat([torch.full_like(prompt, -100), completion]),
+            "attention_mask": torch.ones(len(prompt) + len(completion), dtype=torch.long),
+        }
+        if "mm_token_type_ids" in inputs:
+            row["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][0], torch.zeros_like(completion)])
+        row["video"] = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        return row
+
+    def _pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100), ("mm_token_type_ids", 0)):
+            if key in rows[0]:
+                batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - len(r[key])), value=fill)
+                                          for r in rows])
+        for key in rows[0]["video"]:
+            batch[key] = torch.cat([r["video"][key] for r in rows])
+        return batch
+
+
+def _record(row: Any, index: int) -> InstructRecord:
+    if not isinstance(row, dict):
+        raise TypeError(f"batch item {index} is {type(row).__name__}; expected an InstructRecord or a dict row")
+    return InstructRecord.from_dict(row)
+
+
+def _end_of_turn(processor, mode: str) -> str:
+    """What the chat template writes after an assistant message (`<|im_end|>` for Qwen), trailing whitespace cut.
+
+    Training on it teaches the model to stop; it is read from the template rather than assumed.
+    """
+    messages = prompts.build_messages("question", mode)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = processor.apply_chat_template(
+        messages + [{"role": "assistant", "content": _ASSISTANT_SENTINEL}], tokenize=False
+    )
+    if not full.startswith(prompt + _ASSISTANT_SENTINEL):
+        raise ValueError(
+            "the chat template renders an assistant turn differently from its generation prompt "
+            "(add_generation_prompt=True); SFT would train on a prompt the engine never sends"
+        )
+    end = full[len(prompt) + len(_ASSISTANT_SENTINEL):].rstrip()
+    return end or processor.tokenizer.eos_token
