@@ -6,7 +6,7 @@ evaluator to write, after the engine's own prompt (`prompts.split_prompt`), eith
 alone (mode "answer") or `<reason>...</reason><answer>...</answer>` (mode "reason").
 
 The collator renders exactly the chat the engine scores with and calls the processor exactly as
-the engine does (`processor_inputs`), on frames sampled by the same `load_video`, so what the
+the engine does (`engine.inputs.processor_inputs`), on frames sampled by the same `load_video`, so what the
 model is trained on is what it is asked at inference.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from finger_reward import prompts
+from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.errors import FingerError
 from finger_reward.questions.record import Question
 from finger_reward.video import Clip, load_video
@@ -147,24 +148,6 @@ def completion_text(record: InstructRecord, mode: str) -> str:
 
 
 # ---- the processor call shared with the engine --------------------------------------------------
-
-
-def patch_factor(processor) -> int:
-    """Frame sides must be multiples of this (as `TransformersEngine.patch_factor`): patch size x spatial merge."""
-    video = processor.video_processor
-    return video.patch_size * video.merge_size
-
-
-def processor_inputs(processor, text: str, clip: Clip):
-    """One text with one clip through the processor, exactly as `TransformersEngine._model_inputs` calls it.
-
-    Frames are already resized by `load_video` (`do_resize=False`), and the clip's real frame
-    rate goes in as `video_metadata`, so mrope's temporal positions follow real time.
-    """
-    return processor(
-        text=[text], videos=[clip.frames], video_metadata=[clip.metadata],
-        do_resize=False, return_tensors="pt",
-    )
 
 
 # ---- the collator -------------------------------------------------------------------------------

@@ -16,9 +16,8 @@ from finger_reward.instruct import (
     VideoSFTCollator,
     completion_text,
     load_instruct,
-    patch_factor,
-    processor_inputs,
 )
+from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.rewards import format_reward
 from finger_reward.synthetic import make_world
 from finger_reward.trainers.sft import SFTRecipe, build_trainer, main, train

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from finger_reward import prompts
+from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.scoring import answer_probs, answer_token_ids
 from finger_reward.video import Clip
 
@@ -90,8 +91,7 @@ class TransformersEngine:
     @property
     def patch_factor(self) -> int:
         """Frame sides must be multiples of this: the vision patch size times the spatial merge."""
-        video = self.processor.video_processor
-        return video.patch_size * video.merge_size
+        return patch_factor(self.processor)
 
     @property
     def device(self) -> torch.device:
@@ -135,11 +135,7 @@ class TransformersEngine:
     # ---- shared-prefix path ---------------------------------------------------------------------
 
     def _model_inputs(self, text: str, clip: Clip) -> dict:
-        inputs = self.processor(
-            text=[text], videos=[clip.frames], video_metadata=[clip.metadata],
-            do_resize=False, return_tensors="pt",
-        )
-        return inputs.to(self.device)
+        return processor_inputs(self.processor, text, clip).to(self.device)
 
     def _encode_prefix(self, clip: Clip) -> _Prefix:
         inputs = self._model_inputs(self.split.prefix, clip)
