@@ -14,10 +14,11 @@ import httpx
 import pytest
 import torch
 
-from finger_reward import BatchError, FingerReward, Question, QuestionBank, VideoError
+from finger_reward import FingerReward, Question, QuestionBank, VideoError
 from finger_reward.questions import DIMENSIONS
 from finger_reward.serve import Batcher, FingerRewardClient, QueueFull, ServeConfig, ServiceError
 from finger_reward.serve.local import LocalServer
+from tests.serve_checks import assert_same, corrupt_video_fails_alone
 
 PROMPTS = ["a red circle moves right", "a blue square stays still", "a dog runs", "a cat sleeps"]
 
@@ -60,13 +61,6 @@ def client(server, **kw):
     return FingerRewardClient(server.url, token="secret", **{"backoff": 0.05, **kw})
 
 
-def assert_same(got, want):
-    assert got.ok, got.error
-    assert got.overall == pytest.approx(want.overall, abs=1e-6)
-    assert [q.p_yes for q in got.questions] == pytest.approx([q.p_yes for q in want.questions], abs=1e-6)
-    assert got.dimensions == pytest.approx(want.dimensions, abs=1e-6)
-
-
 def test_client_equals_direct_scoring(server, reward, mp4_paths):
     frames = torch.rand(5, 3, 56, 84, generator=torch.Generator().manual_seed(0))
     videos = [mp4_paths[0], mp4_paths[1].read_bytes(), frames]
@@ -92,28 +86,8 @@ def test_64_concurrent_requests_each_answered_once(server, mp4_paths, direct):
 
 
 def test_corrupt_video_fails_alone(server, mp4_paths, direct):
-    def bad():
-        return client(server).score([mp4_paths[0], b"\x00not a video" * 50, mp4_paths[2]], PROMPTS[0])
-
-    def good(i):
-        return client(server).score([mp4_paths[i % 3]], PROMPTS[1])[0]
-
-    with ThreadPoolExecutor(4) as pool:
-        failing = pool.submit(bad)
-        others = list(pool.map(good, range(6)))
-        with pytest.raises(BatchError) as caught:
-            failing.result()
-    err = caught.value
-    assert sorted(err.failures) == [1] and "cannot be decoded" in str(err.failures[1])
-    assert_same(err.results[0], direct[(str(mp4_paths[0]), PROMPTS[0])])
-    assert_same(err.results[2], direct[(str(mp4_paths[2]), PROMPTS[0])])
-    for i, result in enumerate(others):
-        assert_same(result, direct[(str(mp4_paths[i % 3]), PROMPTS[1])])
-    raw = httpx.post(f"{server.url}/v1/score", headers={"Authorization": "Bearer secret"},
-                     json={"videos": [base64.b64encode(b"junk").decode()], "prompts": PROMPTS[0]})
-    assert raw.status_code == 400
-    body = raw.json()
-    assert "#0" in body["error"]["failures"]["0"] and body["results"][0]["overall"] is None
+    corrupt_video_fails_alone(client(server), server.url, "secret", mp4_paths, direct, PROMPTS[0], PROMPTS[1],
+                              junk=b"\x00not a video" * 50, n_good=6)
 
 
 def test_bad_requests_name_the_problem(server):

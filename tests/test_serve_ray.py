@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from finger_reward import BatchError, FingerReward, Question, QuestionBank
+from finger_reward import FingerReward, Question, QuestionBank
+from tests import serve_checks
+from tests.serve_checks import corrupt_video_fails_alone
 from finger_reward.questions import DIMENSIONS
 from finger_reward.serve import FingerRewardClient, ServeConfig
 
@@ -105,9 +107,7 @@ def test_cli_serve_on_ray_and_sigterm(tiny_model_dir, bank_path, mp4_paths, dire
 
 
 def assert_same(got, want):
-    assert got.ok, got.error
-    assert got.overall == pytest.approx(want.overall, abs=1e-5)
-    assert [q.p_yes for q in got.questions] == pytest.approx([q.p_yes for q in want.questions], abs=1e-5)
+    serve_checks.assert_same(got, want, tol=1e-5)
 
 
 def client(url):
@@ -143,29 +143,8 @@ def batched_videos(metrics: str) -> int:
 
 
 def test_corrupt_video_fails_alone(url, direct, mp4_paths):
-    junk = bytes(range(256)) * 20
-
-    def bad():
-        return client(url).score([mp4_paths[0], junk, mp4_paths[2]], PROMPTS[1])
-
-    def good(i):
-        return client(url).score([mp4_paths[i % 3]], PROMPTS[2])[0]
-
-    with ThreadPoolExecutor(4) as pool:
-        failing = pool.submit(bad)
-        others = list(pool.map(good, range(4)))
-        with pytest.raises(BatchError) as caught:
-            failing.result()
-    err = caught.value
-    assert sorted(err.failures) == [1] and "cannot be decoded" in str(err.failures[1])
-    assert_same(err.results[0], direct[(str(mp4_paths[0]), PROMPTS[1])])
-    assert_same(err.results[2], direct[(str(mp4_paths[2]), PROMPTS[1])])
-    for i, result in enumerate(others):
-        assert_same(result, direct[(str(mp4_paths[i % 3]), PROMPTS[2])])
-    raw = httpx.post(f"{url}/v1/score", headers=AUTH, timeout=60,
-                     json={"videos": [base64.b64encode(junk).decode()], "prompts": PROMPTS[0]})
-    assert raw.status_code == 400 and "#0" in raw.json()["error"]["failures"]["0"]
-    assert client(url).score([mp4_paths[1]], PROMPTS[0])[0].ok  # still serving
+    corrupt_video_fails_alone(client(url), url, "secret", mp4_paths, direct, PROMPTS[1], PROMPTS[2],
+                              junk=bytes(range(256)) * 20, n_good=4, tol=1e-5)
 
 
 def test_token_required(url):
