@@ -61,6 +61,7 @@ from finger_reward.trainers.flow_matching import (
     logit_normal_sigmas,
     lora_parameters,
     predict_velocity,
+    save_lora,
     velocity_target,
 )
 from finger_reward.video import load_video
@@ -273,17 +274,6 @@ def pair_errors(transformer, batch: dict, noise: torch.Tensor, sigmas: torch.Ten
 
 # ---- saving ------------------------------------------------------------------------------------
 
-
-def save_lora(pipeline_class, transformer, out_dir: str | Path) -> Path:
-    """The LoRA in diffusers' format (pytorch_lora_weights.safetensors, with its rank/alpha config),
-    so `pipe.load_lora_weights(out_dir)` applies it."""
-    from peft.utils import get_peft_model_state_dict
-
-    out_dir = Path(out_dir)
-    pipeline_class.save_lora_weights(
-        out_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    return out_dir
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Conventions (rectified flow, as diffusers' FlowMatchEulerDiscreteScheduler): x_t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -17,13 +19,14 @@ def logit_normal_sigmas(n: int, *, mean: float = 0.0, std: float = 1.0, generato
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
-def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per batch item, shaped to broadcast against `like`."""
     return sigmas.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """x_t = sigma * noise + (1 - sigma) * x0, one sigma per batch item."""
-    s = _per_sample(sigmas, latents)
+    s = per_sample(sigmas, latents)
     return s * noise + (1 - s) * latents
 
 
@@ -38,7 +41,8 @@ def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, promp
     return transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
 
-def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Wan VAE's per-channel latent mean and std, shaped (1, z, 1, 1, 1)."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
     std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
@@ -51,8 +55,18 @@ def encode_videos(pipe, videos: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     videos = videos.to(device=vae.device, dtype=vae.dtype)
     latents = torch.cat([vae.encode(v.unsqueeze(0)).latent_dist.mode() for v in videos])
-    mean, std = _latent_stats(vae, latents)
+    mean, std = latent_stats(vae, latents)
     return (latents - mean) / std
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor):
+    """Normalised latents -> videos (B, F, H, W, 3) float in [0, 1], as the pipeline's own output_type="np"."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = latent_stats(vae, latents)
+    video = vae.decode(latents * std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="np")
 
 
 @torch.no_grad()
@@ -79,3 +93,16 @@ def add_lora(transformer, *, rank: int = 16, alpha: int = 16, dropout: float = 0
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:
     return [p for name, p in transformer.named_parameters() if "lora_" in name and p.requires_grad]
+
+
+def save_lora(pipeline_class, transformer, out_dir: str | Path) -> Path:
+    """The LoRA in diffusers' format with its rank/alpha config, so `pipe.load_lora_weights(out_dir)` applies it.
+
+    Without the adapter metadata a loader assumes alpha = rank and the outputs change.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    pipeline_class.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    return out_dir

@@ -1,0 +1,304 @@
+"""Flow-GRPO: the SDE step, advantages and loss by hand; the loop on the real tiny Wan pipeline and tiny FingER model."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finger_reward import FingerReward
+from finger_reward.integrations.diffusers import pipeline_videos
+from finger_reward.serve import ServeConfig
+from finger_reward.serve.local import LocalServer
+from finger_reward.tiny_wan import make_tiny_wan_pipeline
+from finger_reward.trainers.flow_grpo import (
+    FlowGRPORecipe, gaussian_kl, group_advantages, grpo_loss, load_pipeline, main, reference_model, rollout_log_probs,
+    sde_step, train,
+)
+from finger_reward.trainers.flow_matching import predict_velocity
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flow_grpo_wan.yaml"
+PROMPTS = ["a red circle moves left", "a dog runs across the road", "a blue ball flies up"]
+TINY = dict(group_size=2, prompts_per_step=2, num_inference_steps=3, height=32, width=32, num_frames=5,
+            max_sequence_length=16, lora_rank=4, lora_alpha=8, learning_rate=1e-2, clip_range=0.2, beta=0.1,
+            std_floor=0.01, num_updates=2, train_batch_size=1, mixed_precision="no", seed=0)
+
+
+# ---- sde_step ------------------------------------------------------------------------------------
+
+
+def paper_mean_std(v, x, sigma, sigma_next, a):
+    """Flow-GRPO's Euler-Maruyama step written from the reverse SDE: drift v - s_t^2/2 * score."""
+    s_t = a * math.sqrt(sigma / (1 - sigma))
+    score = -(x + (1 - sigma) * v) / sigma  # rectified flow: E[noise | x_t] = x_t + (1 - t) v
+    return x + (v - 0.5 * s_t**2 * score) * (sigma_next - sigma), s_t * math.sqrt(sigma - sigma_next)
+
+
+def test_sde_step_log_prob_is_the_gaussian_density():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 4, 2, 4, 4, generator=g)
+    prev, log_prob, mean, std = sde_step(v, x, 0.8, 0.5, 0.7, generator=torch.Generator().manual_seed(1))
+    want_mean, want_std = paper_mean_std(v, x, 0.8, 0.5, 0.7)
+    torch.testing.assert_close(mean, want_mean, atol=1e-6, rtol=1e-6)
+    assert std.flatten().tolist() == pytest.approx([want_std])
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(prev, want_mean + want_std * eps, atol=1e-6, rtol=1e-6)  # noise from the generator
+    want = torch.distributions.Normal(want_mean, want_std).log_prob(prev).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(log_prob, want, atol=1e-5, rtol=1e-6)
+    assert log_prob.shape == (3,)
+
+    _, scored, _, _ = sde_step(v, x, 0.8, 0.5, 0.7, prev_sample=prev)  # the update's path: score a given sample
+    torch.testing.assert_close(scored, log_prob, atol=1e-6, rtol=0)
+    _, far, _, _ = sde_step(v, x, 0.8, 0.5, 0.7, prev_sample=prev + 2 * want_std)
+    assert (far < log_prob - 1).all()
+
+
+def test_sde_step_keeps_the_flow_marginals():
+    """Data at one point c: x_t ~ N((1 - t) c, t^2) and v = (x_t - c) / t exactly; one SDE step lands on N((1 - t') c, t'^2).
+
+    The sign of the drift correction matters: flipped, the std after the step is ~2% too large.
+    """
+    c, t, t_next = 0.3, 0.5, 0.49
+    g = torch.Generator().manual_seed(0)
+    x = (1 - t) * c + t * torch.randn(400_000, 1, generator=g)
+    prev, _, _, _ = sde_step((x - c) / t, x, t, t_next, 0.7, generator=g)
+    assert prev.mean().item() == pytest.approx((1 - t_next) * c, abs=3e-3)
+    assert prev.std().item() == pytest.approx(t_next, rel=3e-3)
+
+
+def test_sde_step_per_item_sigmas_and_the_first_step():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    prev = torch.randn(2, 3, 4, generator=g)
+    _, both, _, _ = sde_step(v, x, torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.2]), 0.7, prev_sample=prev, sigma_max=0.8)
+    _, first, mean, std = sde_step(v[:1], x[:1], 1.0, 0.8, 0.7, prev_sample=prev[:1], sigma_max=0.8)
+    _, second, _, _ = sde_step(v[1:], x[1:], 0.5, 0.2, 0.7, prev_sample=prev[1:], sigma_max=0.8)
+    torch.testing.assert_close(both, torch.cat([first, second]))
+    # at sigma = 1, Flow-GRPO puts sigma_max (the schedule's second sigma) in 1 - sigma
+    assert std.item() == pytest.approx(0.7 * math.sqrt(1 / (1 - 0.8)) * math.sqrt(0.2))
+    with pytest.raises(ValueError, match="sigma_max"):
+        sde_step(v, x, 1.0, 0.8, 0.7, prev_sample=prev)
+    with pytest.raises(ValueError, match="noise_level must be > 0"):
+        sde_step(v, x, 0.5, 0.2, 0.0, prev_sample=prev)
+    with pytest.raises(ValueError, match="sigma > sigma_next"):
+        sde_step(v, x, 0.2, 0.5, 0.7, prev_sample=prev)
+
+
+def test_gaussian_kl_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    std = torch.tensor(0.3)
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std), torch.distributions.Normal(ref, std))
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), want.mean(dim=(1, 2)))
+
+
+# ---- group_advantages ----------------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    adv = group_advantages([0.2, 0.4, 0.9, 0.5], ["a", "a", "b", "b"], std_floor=0.01)
+    assert adv.dtype == torch.float32
+    assert adv.tolist() == pytest.approx([-1, 1, 1, -1], abs=1e-6)  # (r - mean) / population std, per group
+    assert group_advantages(torch.tensor([0.2, 0.4, 0.9, 0.5]), [0, 0, 1, 1], 0.01).tolist() == pytest.approx(adv.tolist())
+
+
+def test_std_floor_keeps_near_equal_rewards_small():
+    near = [0.500, 0.502, 0.501]  # std 8.2e-4: noise, not a preference
+    assert group_advantages(near, [0, 0, 0], std_floor=0.05).tolist() == pytest.approx([-0.02, 0.02, 0.0], abs=1e-6)
+    unfloored = group_advantages(near, [0, 0, 0], std_floor=1e-9).tolist()
+    assert unfloored == pytest.approx([-1.2247, 1.2247, 0.0], abs=1e-3)  # what plain GRPO would make of it
+    # a real gap is untouched by the floor
+    assert group_advantages([0.3, 0.7], [0, 0], std_floor=0.05).tolist() == pytest.approx([-1, 1])
+
+
+def test_nan_rewards_get_zero_advantage_and_stay_out_of_the_statistics():
+    adv = group_advantages([0.2, math.nan, 0.6, 0.9, math.nan], [0, 0, 0, 1, 1], std_floor=0.01)
+    assert adv.tolist() == pytest.approx([-1, 0, 1, 0, 0], abs=1e-6)  # group 1: one valid reward, nothing to compare
+    as_zero = group_advantages([0.2, 0.0, 0.6], [0, 0, 0], std_floor=0.01)  # what a silent 0 would have done
+    assert as_zero[0].item() > -0.5 and as_zero[1].item() < -1
+    assert group_advantages([math.nan, math.nan], [0, 0], 0.01).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="std_floor must be > 0"):
+        group_advantages([0.1, 0.2], [0, 0], std_floor=0)
+    with pytest.raises(ValueError, match="one group id per reward"):
+        group_advantages([0.1, 0.2], [0], std_floor=0.1)
+
+
+# ---- grpo_loss -----------------------------------------------------------------------------------
+
+
+def test_grpo_loss_clips_the_ratio_where_the_advantage_pushes_it():
+    log_prob = torch.tensor([0.5, -0.5, 0.5, -0.5], requires_grad=True)  # ratios e^0.5 = 1.65 and e^-0.5 = 0.61
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, metrics = grpo_loss(log_prob, torch.zeros(4), advantages, clip_range=0.2)
+    e, ie = math.exp(0.5), math.exp(-0.5)
+    # A > 0, r > 1.2: clipped at 1.2. A > 0, r < 0.8: unclipped. A < 0, r > 1.2: unclipped. A < 0, r < 0.8: clipped at 0.8.
+    assert loss.item() == pytest.approx((-1.2 - ie + e + 0.8) / 4)
+    loss.backward()
+    assert log_prob.grad.tolist() == pytest.approx([0, -ie / 4, e / 4, 0])
+    assert metrics["clip_fraction"] == 1.0 and metrics["kl"] == 0
+    assert metrics["approx_kl"] == pytest.approx(0.125)
+
+    inside = torch.tensor([0.05, -0.05], requires_grad=True)
+    loss, metrics = grpo_loss(inside, torch.zeros(2), torch.tensor([1.0, -2.0]), clip_range=0.2)
+    loss.backward()
+    assert metrics["clip_fraction"] == 0
+    assert inside.grad.tolist() == pytest.approx([-math.exp(0.05) / 2, 2 * math.exp(-0.05) / 2])
+
+
+def test_grpo_loss_adds_beta_times_kl():
+    log_prob, old, adv = torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0])
+    kl = torch.tensor([0.2, 0.4])
+    loss, metrics = grpo_loss(log_prob, old, adv, 0.1, kl=kl, beta=0.5)
+    assert loss.item() == pytest.approx(0.0 + 0.5 * 0.3) and metrics["kl"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="needs kl"):
+        grpo_loss(log_prob, old, adv, 0.1, beta=0.5)
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+
+
+def test_recipe_from_the_wan_yaml_with_overrides(tmp_path):
+    recipe = FlowGRPORecipe.from_yaml(CONFIG, prompts="p.txt", reward_model="m", output_dir=str(tmp_path))
+    assert recipe.pipeline == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" and recipe.mixed_precision == "bf16"
+    assert recipe.clip_range == 1e-4 and isinstance(recipe.beta, float) and recipe.std_floor == 0.05
+    assert FlowGRPORecipe.from_yaml(CONFIG, prompts="p", reward_model="m", output_dir="o", learning_rate="3e-4").learning_rate == 3e-4
+    with pytest.raises(ValueError, match="unknown key.*grop_size.*valid keys"):
+        FlowGRPORecipe.from_yaml(CONFIG, grop_size=4)
+    with pytest.raises(ValueError, match="prompts and output_dir must be set"):
+        FlowGRPORecipe.from_yaml(CONFIG, reward_model="m")
+    with pytest.raises(ValueError, match="exactly one of reward_model"):
+        FlowGRPORecipe.from_yaml(CONFIG, prompts="p", output_dir="o", reward_model="m", reward_url="http://x")
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", group_size=1)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", num_frames=8)
+
+
+# ---- the loop on the tiny pipeline ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow_grpo")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return {"root": root, "pipeline": make_tiny_wan_pipeline(root / "pipeline"), "prompts": root / "prompts.txt"}
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{part}.{name}": p.detach().clone() for part in ("transformer", "vae", "text_encoder")
+            for name, p in getattr(pipe, part).named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def run(files, tiny_model_dir):
+    """Two steps at 32x32, 5 frames, 3 SDE steps, G=2, FingER in-process (loaded from the recipe's reward_model)."""
+    pipe = load_pipeline(str(files["pipeline"]), torch.float32)
+    recipe = FlowGRPORecipe(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
+                            output_dir=str(files["root"] / "out"), max_steps=2, save_steps=1, **TINY)
+    seen = {}
+
+    def on_rollouts(step, rollouts):  # before the update: the transformer is the policy that sampled
+        seen[step] = {"rollouts": rollouts, "recomputed": [rollout_log_probs(pipe.transformer, r) for r in rollouts],
+                      "reference": [_with_adapter_off(pipe.transformer, r) for r in rollouts]}
+        if step == 1:
+            seen["weights"] = snapshot(pipe)
+
+    history = train(recipe, pipe=pipe, on_rollouts=on_rollouts)
+    return {"pipe": pipe, "recipe": recipe, "history": history, "seen": seen}
+
+
+def _with_adapter_off(transformer, rollout):
+    with reference_model(transformer):
+        return rollout_log_probs(transformer, rollout)
+
+
+def test_recorded_log_probs_equal_a_recomputation(run):
+    for step in (1, 2):
+        for rollout, recomputed in zip(run["seen"][step]["rollouts"], run["seen"][step]["recomputed"]):
+            assert rollout.log_probs.shape == (2, 3) and rollout.trajectory.shape[:2] == (2, 4)
+            assert torch.isfinite(rollout.log_probs).all()
+            torch.testing.assert_close(recomputed, rollout.log_probs, atol=1e-4, rtol=0)
+    assert all(m["start_log_ratio"] < 1e-4 for m in run["history"])  # the first update starts on-policy
+    # the check can fail: after step 1's update the policy is no longer the reference
+    step2 = run["seen"][2]
+    gap = max((ref - r.log_probs).abs().max().item() for r, ref in zip(step2["rollouts"], step2["reference"]))
+    assert gap > 1e-4
+
+
+def test_rewards_are_finger_scores_of_the_decoded_videos(run, tiny_model_dir):
+    reward = FingerReward.from_pretrained(tiny_model_dir)
+    for step, metrics in zip((1, 2), run["history"]):
+        rollouts = run["seen"][step]["rollouts"]
+        all_rewards = []
+        for rollout in rollouts:
+            assert rollout.frames.shape == (2, 5, 32, 32, 3) and 0 <= rollout.frames.min() <= rollout.frames.max() <= 1
+            direct = [s.overall for s in reward.score(pipeline_videos(rollout.frames), rollout.prompt)]
+            assert rollout.rewards.tolist() == pytest.approx(direct, abs=1e-6)
+            assert rollout.prompt in PROMPTS and rollout.info["success"].all()
+            all_rewards += direct
+        assert metrics["reward_mean"] == pytest.approx(np.mean(all_rewards), abs=1e-6)
+        assert metrics["reward_std"] == pytest.approx(np.std(all_rewards), abs=1e-6)
+        assert {"reward/visual_quality", "clip_fraction", "kl", "advantage_abs_mean", "grad_norm"} <= set(metrics)
+        advantages = torch.cat([r.advantages for r in rollouts])
+        want = group_advantages(all_rewards, [0, 0, 1, 1], TINY["std_floor"])
+        torch.testing.assert_close(advantages, want)
+
+
+def test_only_lora_weights_change(run):
+    before, after = run["seen"]["weights"], snapshot(run["pipe"])
+    assert before.keys() == after.keys()
+    lora = [name for name in before if "lora_" in name]
+    assert lora and all(name.startswith("transformer.") for name in lora)
+    for name in before:
+        if name in lora:
+            assert not torch.equal(before[name], after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+    trainable = [name for name, p in run["pipe"].transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_saved_lora_loads_into_the_pipeline(run, files):
+    out = Path(run["recipe"].output_dir)
+    assert (out / "checkpoint-1" / "pytorch_lora_weights.safetensors").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    fresh = load_pipeline(str(files["pipeline"]), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x, embeds = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        base = predict_velocity(fresh.transformer, x, torch.tensor([0.6]), embeds)
+        fresh.load_lora_weights(out)
+        loaded = predict_velocity(fresh.transformer, x, torch.tensor([0.6]), embeds)
+        trained = predict_velocity(run["pipe"].transformer, x, torch.tensor([0.6]), embeds)
+    assert (trained - base).abs().max() > 1e-4
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_service_rewards_match_local_scores(files, tiny_model_dir):
+    """reward_url: a real FingER service scores each group (in a thread, while the next group is sampled)."""
+    reward = FingerReward.from_pretrained(tiny_model_dir)
+    seen = []
+    with LocalServer(FingerReward.from_pretrained(tiny_model_dir), ServeConfig(port=0, max_wait_ms=5)) as server:
+        recipe = FlowGRPORecipe(prompts=str(files["prompts"]), reward_url=server.url, max_steps=1,
+                                output_dir=str(files["root"] / "out_service"), **TINY)
+        history = train(recipe, pipe=load_pipeline(str(files["pipeline"]), torch.float32),
+                        on_rollouts=lambda step, rollouts: seen.extend(rollouts))
+        assert server.batcher.telemetry.videos_scored == 4  # both groups went through the service
+    assert len(history) == 1 and len(seen) == 2
+    for rollout in seen:
+        direct = [s.overall for s in reward.score(pipeline_videos(rollout.frames), rollout.prompt)]
+        assert rollout.rewards.tolist() == pytest.approx(direct, abs=1e-5)
+
+
+def test_cli_runs_the_recipe(files, tiny_model_dir, tmp_path):
+    overrides = {**TINY, "pipeline": str(files["pipeline"]), "prompts": str(files["prompts"]),
+                 "reward_model": str(tiny_model_dir), "output_dir": str(tmp_path / "cli"), "max_steps": 1,
+                 "gradient_checkpointing": False}
+    history = main(["--config", str(CONFIG), *[f"{k}={v}" for k, v in overrides.items()]])
+    assert len(history) == 1 and math.isfinite(history[0]["reward_mean"])
+    saved = json.loads((tmp_path / "cli" / "recipe.json").read_text())
+    assert saved["group_size"] == 2 and saved["mixed_precision"] == "no" and "reward_token" not in saved
+    assert (tmp_path / "cli" / "pytorch_lora_weights.safetensors").exists()

@@ -1,0 +1,600 @@
+"""Flow-GRPO for Wan-style text-to-video pipelines, rewarded by FingER.
+
+Online RL for a flow-matching video generator (Liu et al. 2025, "Flow-GRPO: Training Flow Matching
+Models via Online RL", arXiv:2505.05470). Every step:
+
+1. Sample: for each of `prompts_per_step` prompts, a group of `group_size` videos with an SDE
+   sampler that keeps the marginals of the model's flow ODE but makes every denoising step a
+   Gaussian transition, whose log-probability is recorded (`sde_step`).
+2. Score: FingER scores the decoded videos (`FlowGRPOReward` around a local `FingerReward`, or
+   around a `FingerRewardClient`, whose requests run in a thread while the next group is sampled).
+3. Advantages: rewards normalised within their group, with the group's std floored at `std_floor`
+   so that near-equal scores (reward-model noise) give small advantages rather than +-1
+   (`group_advantages`). A video that could not be scored (NaN) gets advantage 0 and stays out of
+   its group's statistics; it is never counted as a 0 reward.
+4. Update: recompute each step's log-probability with the LoRA policy; PPO's clipped ratio times the
+   advantage plus `beta` times the KL to the reference, which is the same transformer with its
+   adapter disabled (`grpo_loss`).
+
+Classifier-free guidance is off: the policy is the conditional velocity alone.
+
+Launch (one GPU; with N GPUs use `accelerate launch --num_processes N`: each process samples its
+own `prompts_per_step` groups, gradients are averaged):
+
+    accelerate launch -m finger_reward.trainers.flow_grpo --config configs/flow_grpo_wan.yaml \\
+        prompts=prompts.txt reward_model=path/to/finger-model output_dir=runs/flow_grpo_wan
+
+    # or score through a FingER service on other GPUs (token from FINGER_REWARD_TOKEN):
+    finger-reward serve --model path/to/finger-model --host 0.0.0.0 --token <secret>
+    accelerate launch -m finger_reward.trainers.flow_grpo --config configs/flow_grpo_wan.yaml \\
+        prompts=prompts.txt reward_model=null reward_url=http://10.0.0.5:8000 output_dir=runs/flow_grpo_wan
+
+The LoRA loads back with `WanPipeline.from_pretrained(base).load_lora_weights(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from finger_reward.trainers.flow_matching import (
+    add_lora, decode_latents, encode_prompts, lora_parameters, per_sample, predict_velocity, save_lora,
+)
+
+logger = logging.getLogger(__name__)
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---- the math: pure functions on tensors ---------------------------------------------------------
+
+
+def sde_step(velocity: torch.Tensor, x_t: torch.Tensor, sigma, sigma_next, noise_level: float,
+             generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None, *,
+             sigma_max: float | None = None):
+    """One step of Flow-GRPO's SDE sampler from noise level `sigma` down to `sigma_next`, with its log-probability.
+
+    Flow-GRPO's Eq. 9 (the Euler-Maruyama step of its ODE-to-SDE conversion), with t = sigma and
+    dt = sigma_next - sigma < 0:
+
+        x_next = x_t + [v + s_t^2 / (2 t) * (x_t + (1 - t) v)] dt + s_t * sqrt(-dt) * eps,
+        s_t = noise_level * sqrt(t / (1 - t)).
+
+    The bracket is v - (s_t^2 / 2) * score, with the rectified-flow score -(x_t + (1 - t) v) / t:
+    that correction keeps the marginals of the flow ODE dx = v dt. So the transition is Gaussian,
+    N(mean, std^2 I) with std = s_t * sqrt(sigma - sigma_next).
+
+    `sigma`, `sigma_next`: floats or (B,) tensors. `prev_sample` None draws the sample (noise from
+    `generator`); given, it is scored instead (the policy update). `sigma_max` stands for sigma in
+    1 - sigma, where s_t is infinite at sigma = 1 (a schedule's first step); Flow-GRPO uses the
+    schedule's second sigma. Computed in float32. Returns `(prev_sample, log_prob, mean, std)`;
+    `log_prob` (B,) is the log-density averaged over the non-batch dimensions, as Flow-GRPO's.
+    """
+    if not noise_level > 0:
+        raise ValueError(f"noise_level must be > 0 (0 is the deterministic ODE step, which has no log-probability), "
+                         f"got {noise_level}")
+    v, x = velocity.float(), x_t.float()
+    sigma = per_sample(torch.as_tensor(sigma, dtype=torch.float32, device=x.device), x)
+    sigma_next = per_sample(torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device), x)
+    dt = sigma_next - sigma
+    if (dt >= 0).any() or (sigma > 1).any() or (sigma_next < 0).any():
+        raise ValueError("need 1 >= sigma > sigma_next >= 0: the sampler runs from noise (1) to data (0)")
+    capped = sigma if sigma_max is None else sigma.clamp(max=sigma_max)
+    if (capped >= 1).any():
+        raise ValueError("sigma = 1 makes s_t = noise_level * sqrt(sigma / (1 - sigma)) infinite; pass sigma_max= "
+                         "the schedule's second sigma, as Flow-GRPO does")
+    s_t = noise_level * torch.sqrt(sigma / (1 - capped))
+    score = -(x + (1 - sigma) * v) / sigma
+    mean = x + (v - 0.5 * s_t**2 * score) * dt
+    std = s_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device)
+        prev_sample = mean + std * noise.to(x.device)
+    prev_sample = prev_sample.detach().float()
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per batch item, averaged over the other dims like `sde_step`'s log-prob.
+
+    The exact KL of the two transitions. Flow-GRPO's KL term divides by s_t^2 instead of std^2 =
+    s_t^2 * |dt|, i.e. it is this KL times the step size |dt|; its beta is therefore ~num_steps times ours.
+    """
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.dim())))
+
+
+def group_advantages(rewards, group_ids, std_floor: float) -> torch.Tensor:
+    """(r - group mean) / max(group std, std_floor) per item, as float32 (N,).
+
+    The std is the population std of the group's finite rewards. The floor keeps a group of
+    near-equal rewards (differences the reward model cannot really tell apart) at small advantages
+    instead of inflating them to +-1. Non-finite rewards (failed videos) get advantage 0 and are left
+    out of their group's mean and std. With the floor, |advantage| < sqrt(G - 1) always.
+    """
+    if not std_floor > 0:
+        raise ValueError(f"std_floor must be > 0, got {std_floor}; it bounds how far tiny reward gaps are scaled up")
+    r = (rewards.detach().cpu().numpy() if isinstance(rewards, torch.Tensor) else np.asarray(rewards)).astype(np.float64)
+    ids = list(group_ids)
+    if r.ndim != 1 or len(ids) != len(r):
+        raise ValueError(f"need one group id per reward, got {len(ids)} ids for rewards of shape {r.shape}")
+    advantages = np.zeros_like(r)
+    for group in dict.fromkeys(ids):
+        members = np.array([i for i, g in enumerate(ids) if g == group])
+        valid = members[np.isfinite(r[members])]
+        if valid.size:
+            values = r[valid]
+            advantages[valid] = (values - values.mean()) / max(values.std(), std_floor)
+    return torch.from_numpy(advantages).float()
+
+
+def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+              kl: torch.Tensor | None = None, beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped surrogate on one denoising step, plus beta times the KL to the reference.
+
+        loss = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)) + beta * mean_i KL_i,
+        r_i = exp(log_prob_i - old_log_prob_i).
+
+    A ratio outside [1 - eps, 1 + eps] in the direction the advantage pushes it gets no gradient.
+    Metrics: policy_loss, kl, clip_fraction (|r - 1| > eps), approx_kl (mean of log-ratio^2 / 2).
+    """
+    if not clip_range > 0 or beta < 0:
+        raise ValueError(f"need clip_range > 0 and beta >= 0, got clip_range={clip_range}, beta={beta}")
+    if beta > 0 and kl is None:
+        raise ValueError(f"beta={beta} needs kl (per-item KL to the reference); pass beta=0 to train without it")
+    log_ratio = log_prob - old_log_prob.detach().to(log_prob)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach().to(ratio)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy_loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+    kl_mean = kl.mean() if kl is not None else torch.zeros((), device=ratio.device)
+    loss = policy_loss + beta * kl_mean
+    metrics = {
+        "policy_loss": policy_loss.item(),
+        "kl": kl_mean.item(),
+        "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": (0.5 * log_ratio.detach() ** 2).mean().item(),
+    }
+    return loss, metrics
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FlowGRPORecipe:
+    """Every setting of a Flow-GRPO run; `configs/flow_grpo_wan.yaml` documents them for Wan2.1-T2V-1.3B."""
+
+    pipeline: str = _opt("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "diffusers pipeline directory or hub id")
+    prompts: str | None = _opt(None, "text file, one prompt per line (required)")
+    reward_model: str | None = _opt(None, "FingER checkpoint, scored in-process")
+    reward_questions: str | None = _opt(None, "question bank JSONL (default: template questions)")
+    reward_url: str | None = _opt(None, "FingER service URL, instead of reward_model")
+    reward_token: str | None = _opt(None, "service bearer token (default: env FINGER_REWARD_TOKEN)")
+    reward_device: str | None = _opt(None, "device of the in-process FingER model (default: the trainer's)")
+    dimension_weights: dict[str, float] | None = _opt(None, "Eq. 4 weights per FingER dimension (default: overall)")
+    group_size: int = _opt(8, "videos per prompt (G)")
+    prompts_per_step: int = _opt(2, "groups sampled per step and process")
+    num_inference_steps: int = _opt(10, "SDE sampling steps (all are trained on)")
+    noise_level: float = _opt(0.7, "a in s_t = a * sqrt(t / (1 - t))")
+    height: int = _opt(480, "video height, a multiple of 16")
+    width: int = _opt(832, "video width, a multiple of 16")
+    num_frames: int = _opt(33, "4k + 1 frames")
+    max_sequence_length: int = _opt(512, "text-encoder tokens")
+    learning_rate: float = _opt(1e-4, "AdamW learning rate of the LoRA weights")
+    lora_rank: int = _opt(32, "LoRA rank on the attention projections")
+    lora_alpha: int = _opt(64, "LoRA alpha (scale alpha / rank)")
+    clip_range: float = _opt(1e-4, "PPO clip on the per-step ratio")
+    beta: float = _opt(4e-4, "KL coefficient (0: no reference forward)")
+    std_floor: float = _opt(0.05, "lower bound on a group's reward std")
+    num_updates: int = _opt(2, "optimizer steps per step, over disjoint shares of its videos")
+    train_batch_size: int = _opt(1, "videos per forward/backward in the update")
+    max_grad_norm: float = _opt(1.0, "gradient clipping")
+    gradient_checkpointing: bool = _opt(True, "recompute transformer blocks in backward")
+    max_steps: int = _opt(300, "training steps (sample, score, update)")
+    seed: int = _opt(0, "prompt choice and sampling noise (plus the process rank)")
+    output_dir: str | None = _opt(None, "LoRA, checkpoints and metrics.jsonl (required)")
+    mixed_precision: str = _opt("no", "no, fp16 or bf16 (frozen weights in that dtype)")
+    save_steps: int = _opt(50, "checkpoint every this many steps")
+    logging_steps: int = _opt(1, "log metrics every this many steps")
+
+    def __post_init__(self):
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        for name in ("noise_level", "learning_rate", "clip_range", "beta", "std_floor", "max_grad_norm"):
+            setattr(self, name, _as_float(name, getattr(self, name)))
+        missing = [name for name in ("prompts", "output_dir") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} must be set (prompts: a text file with one prompt per line; "
+                             "output_dir: where the LoRA and metrics go)")
+        if (self.reward_model is None) == (self.reward_url is None):
+            raise ValueError(f"set exactly one of reward_model (in-process FingER) and reward_url (FingER service); "
+                             f"got reward_model={self.reward_model!r}, reward_url={self.reward_url!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2: advantages compare videos of one prompt, got {self.group_size}")
+        positive = ("prompts_per_step", "num_inference_steps", "lora_rank", "num_updates", "train_batch_size",
+                    "max_steps", "save_steps", "logging_steps", "noise_level", "learning_rate", "clip_range", "std_floor")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if not getattr(self, name) > 0]
+        if bad:
+            raise ValueError(f"must be > 0: {', '.join(bad)}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (0 turns the KL term off), got {self.beta}")
+        if self.num_updates > self.group_size * self.prompts_per_step:
+            raise ValueError(f"num_updates={self.num_updates} is more than the {self.group_size * self.prompts_per_step} "
+                             "videos of a step; each update needs at least one")
+        if self.num_frames % 4 != 1 or self.height % 16 or self.width % 16:
+            raise ValueError(f"Wan needs num_frames = 4k + 1 and height, width multiples of 16; got num_frames="
+                             f"{self.num_frames}, height={self.height}, width={self.width}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, **overrides) -> "FlowGRPORecipe":
+        """Fields from a flat YAML file, then `overrides` (unknown keys are an error naming the valid ones)."""
+        import yaml
+
+        values = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}) if path is not None else {}
+        values.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path or 'overrides'}: unknown key(s) {', '.join(unknown)}; "
+                             f"valid keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "reward_token"}  # no secrets in saved recipes
+
+
+def _as_float(name: str, value) -> float:
+    """YAML reads 1e-4 (no dot) as a string; accept it, and ints, as floats."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts; write one prompt per line")
+    return prompts
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """A group: G videos of one prompt sampled with `sde_step`, their scores and advantages."""
+
+    prompt: str
+    prompt_embeds: torch.Tensor  # (G, L, D)
+    trajectory: torch.Tensor     # (G, T + 1, C, F', H', W'): the latents before step 0, after step 0, ..., final
+    log_probs: torch.Tensor      # (G, T): log-prob of trajectory[:, j + 1] given trajectory[:, j]
+    sigmas: torch.Tensor         # (T + 1,) float32, from 1 down to 0
+    noise_level: float
+    frames: np.ndarray           # (G, F, H, W, 3) float32 in [0, 1]: the decoded videos
+    rewards: np.ndarray | None = None      # (G,) float32, NaN where a video failed
+    info: dict | None = None               # FlowGRPOReward's info: overall, per dimension, success, errors
+    advantages: torch.Tensor | None = None  # (G,)
+
+
+def model_dtype(transformer) -> torch.dtype:
+    """The dtype of the frozen weights (LoRA weights are kept in float32)."""
+    return next(p.dtype for name, p in transformer.named_parameters() if "lora_" not in name)
+
+
+def sample_group(pipe, transformer, prompt: str, prompt_embeds: torch.Tensor, *, group_size: int,
+                 num_inference_steps: int, noise_level: float, height: int, width: int, num_frames: int,
+                 generator: torch.Generator) -> Rollout:
+    """G videos of one prompt (`prompt_embeds` (L, D)) with the SDE sampler, recording every step's log-prob."""
+    device = prompt_embeds.device
+    embeds = prompt_embeds.unsqueeze(0).expand(group_size, -1, -1)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    sigmas = pipe.scheduler.sigmas.to(device=device, dtype=torch.float32)
+    if len(sigmas) != num_inference_steps + 1 or sigmas[-1] != 0:
+        raise ValueError(f"{type(pipe.scheduler).__name__} gave sigmas {sigmas.tolist()}; Flow-GRPO needs "
+                         "num_inference_steps + 1 flow-matching sigmas ending at 0")
+    x = pipe.prepare_latents(group_size, pipe.transformer.config.in_channels, height, width, num_frames,
+                             torch.float32, device, generator)
+    states, log_probs = [x], []
+    for j in range(num_inference_steps):
+        v = predict_velocity(transformer, x.to(embeds.dtype), sigmas[j].expand(group_size), embeds)
+        x, log_prob, _, _ = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, generator, sigma_max=float(sigmas[1]))
+        states.append(x)
+        log_probs.append(log_prob)
+    return Rollout(prompt, embeds, torch.stack(states, 1), torch.stack(log_probs, 1), sigmas, noise_level,
+                   decode_latents(pipe, x))
+
+
+def step_log_prob(transformer, trajectory: torch.Tensor, embeds: torch.Tensor, sigmas: torch.Tensor, j: int,
+                  noise_level: float):
+    """(log_prob, mean, std) of the step trajectory[:, j] -> trajectory[:, j + 1] under `transformer`."""
+    x = trajectory[:, j]
+    v = predict_velocity(transformer, x.to(embeds.dtype), sigmas[j].expand(len(x)), embeds)
+    _, log_prob, mean, std = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, prev_sample=trajectory[:, j + 1],
+                                      sigma_max=float(sigmas[1]))
+    return log_prob, mean, std
+
+
+@torch.no_grad()
+def rollout_log_probs(transformer, rollout: Rollout) -> torch.Tensor:
+    """Recompute a rollout's (G, T) log-probs as the update does; equal to the recorded ones under the sampling policy."""
+    steps = range(len(rollout.sigmas) - 1)
+    return torch.stack([step_log_prob(transformer, rollout.trajectory, rollout.prompt_embeds, rollout.sigmas, j,
+                                      rollout.noise_level)[0] for j in steps], 1)
+
+
+class _Scorer:
+    """FlowGRPOReward behind futures: inline for a local model, in threads for a service (overlapping sampling)."""
+
+    def __init__(self, reward_fn, background: bool, workers: int):
+        self.reward_fn = reward_fn
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="finger-score") if background else None
+
+    def submit(self, frames: np.ndarray, prompts: list[str]) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(self.reward_fn, frames, prompts)
+        future: Future = Future()
+        try:
+            future.set_result(self.reward_fn(frames, prompts))
+        except Exception as err:
+            future.set_exception(err)
+        return future
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def collect_rollouts(pipe, policy, scorer: _Scorer, prompts: list[str], recipe: FlowGRPORecipe,
+                     generator: torch.Generator, autocast=nullcontext) -> list[Rollout]:
+    """Sample a group per prompt; each group is scored (in the background with a service) while the next is sampled."""
+    embeds = encode_prompts(pipe, prompts, recipe.max_sequence_length).to(model_dtype(pipe.transformer))
+    rollouts, pending = [], []
+    for prompt, prompt_embeds in zip(prompts, embeds):
+        with autocast():
+            rollout = sample_group(pipe, policy, prompt, prompt_embeds, group_size=recipe.group_size,
+                                   num_inference_steps=recipe.num_inference_steps, noise_level=recipe.noise_level,
+                                   height=recipe.height, width=recipe.width, num_frames=recipe.num_frames,
+                                   generator=generator)
+        rollouts.append(rollout)
+        pending.append(scorer.submit(rollout.frames, [prompt] * recipe.group_size))
+    for rollout, future in zip(rollouts, pending):
+        rollout.rewards, rollout.info = future.result()
+    group_ids = [i for i, r in enumerate(rollouts) for _ in range(len(r.rewards))]
+    advantages = group_advantages(np.concatenate([r.rewards for r in rollouts]), group_ids, recipe.std_floor)
+    for rollout, adv in zip(rollouts, advantages.split(recipe.group_size)):
+        rollout.advantages = adv.to(rollout.trajectory.device)
+    return rollouts
+
+
+def rollout_metrics(rollouts: list[Rollout], std_floor: float) -> dict[str, float]:
+    """Reward mean/std, per-dimension means, failures, advantage stats, and how often the std floor bound."""
+    from finger_reward.questions import DIMENSIONS
+
+    rewards = np.concatenate([r.rewards for r in rollouts]).astype(np.float64)
+    ok = np.isfinite(rewards)
+    metrics = {"reward_mean": float(rewards[ok].mean()) if ok.any() else math.nan,
+               "reward_std": float(rewards[ok].std()) if ok.any() else math.nan, "failed": int((~ok).sum())}
+    for dim in DIMENSIONS:
+        values = np.concatenate([r.info[dim] for r in rollouts])
+        if np.isfinite(values).any():
+            metrics[f"reward/{dim}"] = float(np.nanmean(values))
+    stds = [r.rewards[np.isfinite(r.rewards)].std() for r in rollouts if np.isfinite(r.rewards).sum() >= 2]
+    metrics["group_std_mean"] = float(np.mean(stds)) if stds else math.nan
+    metrics["floored_groups"] = float(np.mean([s < std_floor for s in stds])) if stds else math.nan
+    advantages = torch.cat([r.advantages for r in rollouts]).abs()
+    metrics.update(advantage_abs_mean=advantages.mean().item(), advantage_abs_max=advantages.max().item())
+    if metrics["failed"]:
+        errors = [e for r in rollouts for e in r.info["errors"] if e]
+        logger.warning("%d of %d videos could not be scored (advantage 0); first error: %s",
+                       metrics["failed"], len(rewards), errors[0] if errors else "NaN score")
+    return metrics
+
+
+# ---- the policy update ---------------------------------------------------------------------------
+
+
+@contextmanager
+def reference_model(transformer):
+    """The reference policy: the same transformer with its LoRA adapter disabled."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+def policy_update(accelerator, policy, optimizer, rollouts: list[Rollout], recipe: FlowGRPORecipe,
+                  generator: torch.Generator) -> dict[str, float]:
+    """`num_updates` optimizer steps over shuffled, disjoint shares of the step's videos, each over every denoising step."""
+    unwrapped = accelerator.unwrap_model(policy)
+    trajectory = torch.cat([r.trajectory for r in rollouts])
+    embeds = torch.cat([r.prompt_embeds for r in rollouts])
+    old_log_probs = torch.cat([r.log_probs for r in rollouts])
+    advantages = torch.cat([r.advantages for r in rollouts])
+    sigmas, num_steps = rollouts[0].sigmas, len(rollouts[0].sigmas) - 1
+    sums: dict[str, float] = defaultdict(float)
+    forwards, start_log_ratio = 0, 0.0
+    for update, share in enumerate(torch.randperm(len(trajectory), generator=generator).chunk(recipe.num_updates)):
+        batches = share.split(recipe.train_batch_size)
+        for b, idx in enumerate(batches):
+            idx = idx.to(trajectory.device)
+            for j in range(num_steps):
+                last = b == len(batches) - 1 and j == num_steps - 1
+                sync = nullcontext() if last else accelerator.no_sync(policy)  # all-reduce once per update
+                with sync, accelerator.autocast():
+                    kl = None
+                    if recipe.beta > 0:
+                        with torch.no_grad(), reference_model(unwrapped):
+                            _, ref_mean, _ = step_log_prob(unwrapped, trajectory[idx], embeds[idx], sigmas, j,
+                                                           recipe.noise_level)
+                    log_prob, mean, std = step_log_prob(policy, trajectory[idx], embeds[idx], sigmas, j, recipe.noise_level)
+                    if recipe.beta > 0:
+                        kl = gaussian_kl(mean, ref_mean, std)
+                    loss, step_metrics = grpo_loss(log_prob, old_log_probs[idx, j], advantages[idx],
+                                                   recipe.clip_range, kl, recipe.beta)
+                    accelerator.backward(loss * (len(idx) / len(share) / num_steps))
+                for key, value in step_metrics.items():
+                    sums[key] += value
+                forwards += 1
+                if update == 0:  # still the sampling policy: the ratio must be 1 up to numerics
+                    start_log_ratio = max(start_log_ratio, (log_prob - old_log_probs[idx, j]).abs().max().item())
+        sums["grad_norm"] += float(accelerator.clip_grad_norm_(lora_parameters(unwrapped), recipe.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    metrics = {key: value / (recipe.num_updates if key == "grad_norm" else forwards) for key, value in sums.items()}
+    return {**metrics, "start_log_ratio": start_log_ratio}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str, weight_dtype: torch.dtype):
+    """The pipeline with its frozen weights in `weight_dtype`, the VAE in float32 (as Wan runs it)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, dtype={"default": weight_dtype, "vae": torch.float32})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_reward(recipe: FlowGRPORecipe, device):
+    """A FingerRewardClient for reward_url, else FingerReward from reward_model; failed videos score NaN."""
+    if recipe.reward_url is not None:
+        from finger_reward.serve.client import FingerRewardClient
+
+        token = recipe.reward_token or os.environ.get("FINGER_REWARD_TOKEN")
+        return FingerRewardClient(recipe.reward_url, token=token, on_error="nan")
+    from finger_reward.reward import FingerReward
+
+    return FingerReward.from_pretrained(recipe.reward_model, questions=recipe.reward_questions,
+                                        device=recipe.reward_device or device, on_error="nan")
+
+
+def _check_pipeline(pipe) -> None:
+    config = getattr(pipe, "config", {})
+    if getattr(pipe, "transformer_2", None) is not None or config.get("expand_timesteps"):
+        raise ValueError(f"{type(pipe).__name__} uses two transformers or per-token timesteps (Wan2.2); "
+                         "this trainer supports single-transformer Wan2.1-style pipelines")
+    if not hasattr(pipe, "save_lora_weights"):
+        raise ValueError(f"{type(pipe).__name__} has no LoRA loader (save_lora_weights); use a WanPipeline")
+
+
+def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
+          on_rollouts: Callable[[int, list[Rollout]], Any] | None = None) -> list[dict[str, float]]:
+    """Run Flow-GRPO for `recipe.max_steps` steps and save the LoRA; returns each step's metrics.
+
+    `pipe` and `reward` (a FingerReward or FingerRewardClient) replace loading them from the
+    recipe. `on_rollouts(step, rollouts)` sees each step's scored groups before the update.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from finger_reward.integrations.diffusers import FlowGRPOReward
+    from finger_reward.serve.client import FingerRewardClient
+
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
+    rank = accelerator.process_index
+    torch.manual_seed(recipe.seed + rank)
+    prompts = read_prompts(recipe.prompts)
+    pipe = pipe if pipe is not None else load_pipeline(recipe.pipeline, MIXED_PRECISION[recipe.mixed_precision])
+    _check_pipeline(pipe)
+    pipe.to(accelerator.device)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    transformer = add_lora(pipe.transformer, rank=recipe.lora_rank, alpha=recipe.lora_alpha)
+    for param in lora_parameters(transformer):
+        param.data = param.data.float()
+    if recipe.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.eval()  # no dropout anywhere: the update must recompute the policy that sampled
+    optimizer = torch.optim.AdamW(lora_parameters(transformer), lr=recipe.learning_rate)
+    policy, optimizer = accelerator.prepare(transformer, optimizer)
+
+    reward = reward if reward is not None else load_reward(recipe, accelerator.device)
+    scorer = _Scorer(FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights),
+                     background=isinstance(reward, FingerRewardClient), workers=min(recipe.prompts_per_step, 8))
+    output_dir = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
+        (output_dir / "metrics.jsonl").write_text("", encoding="utf-8")  # this run's steps only
+    choose = random.Random(recipe.seed + rank)
+    generator = torch.Generator().manual_seed(recipe.seed + rank)
+    history: list[dict[str, float]] = []
+    progress = tqdm(range(1, recipe.max_steps + 1), desc="flow-grpo", disable=not accelerator.is_local_main_process)
+    try:
+        for step in progress:
+            chosen = [prompts[choose.randrange(len(prompts))] for _ in range(recipe.prompts_per_step)]
+            rollouts = collect_rollouts(pipe, policy, scorer, chosen, recipe, generator, accelerator.autocast)
+            metrics = {"step": step, **rollout_metrics(rollouts, recipe.std_floor)}
+            if on_rollouts is not None:
+                on_rollouts(step, rollouts)
+            metrics.update(policy_update(accelerator, policy, optimizer, rollouts, recipe, generator))
+            history.append(metrics)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl']:.2e}")
+            if accelerator.is_main_process:
+                with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                if step % recipe.logging_steps == 0:
+                    logger.info("step %d: %s", step, {k: round(v, 6) for k, v in metrics.items()})
+                if step % recipe.save_steps == 0 and step < recipe.max_steps:
+                    save_lora(type(pipe), pipe.transformer, output_dir / f"checkpoint-{step}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_lora(type(pipe), pipe.transformer, output_dir)
+    finally:
+        scorer.close()
+    return history
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML (4, 0.5, null, true, "text")."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=10)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    parser = argparse.ArgumentParser(description="Flow-GRPO with FingER rewards for Wan text-to-video (LoRA).",
+                                     epilog="Launch commands: see the module docstring (finger_reward.trainers.flow_grpo).")
+    parser.add_argument("--config", help="flat YAML of FlowGRPORecipe fields (e.g. configs/flow_grpo_wan.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields that win over the YAML")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return train(FlowGRPORecipe.from_yaml(args.config, **parse_overrides(args.overrides)))
+
+
+if __name__ == "__main__":
+    main()
