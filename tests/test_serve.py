@@ -249,3 +249,14 @@ def test_serve_config_from_yaml(tmp_path):
     path.write_text("prot: 1\n")
     with pytest.raises(ValueError, match="unknown key.*prot.*valid keys"):
         ServeConfig.from_yaml(path)
+
+
+def test_client_close_and_reopen(server, mp4_paths):
+    with client(server) as c:
+        first = c.score([mp4_paths[0]], PROMPTS[0])[0]
+        pool = c._http
+        c.score(mp4_paths, PROMPTS[0])  # several threads, one connection pool
+        assert c._http is pool and not pool.is_closed
+    assert pool.is_closed and c._http is None
+    assert c.score([mp4_paths[0]], PROMPTS[0])[0].overall == pytest.approx(first.overall)
+    c.close()

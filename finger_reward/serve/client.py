@@ -60,14 +60,27 @@ class FingerRewardClient:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.videos_per_request, self.concurrency = videos_per_request, concurrency
         self.value_range, self.send_paths, self.on_error = tuple(value_range), send_paths, on_error
-        self._local = threading.local()
+        self._http, self._http_lock = None, threading.Lock()
 
     def __getstate__(self):  # picklable for TRL/verl workers: the HTTP connection pool is not sent
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_http", "_http_lock")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._http, self._http_lock = None, threading.Lock()
+
+    def close(self) -> None:
+        """Close the HTTP connection pool; the client opens a new one if it is used again."""
+        with self._http_lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
         """One overall score per video, as `FingerReward.__call__`."""
@@ -127,12 +140,15 @@ class FingerRewardClient:
         return [results[i] for i in indices]
 
     def _client(self):
+        """One connection pool shared by every calling thread (httpx clients are thread-safe)."""
         import httpx
 
-        if getattr(self._local, "client", None) is None:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._local.client = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers)
-        return self._local.client
+        with self._http_lock:
+            if self._http is None:
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                limits = httpx.Limits(max_connections=max(10, 2 * self.concurrency))
+                self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers, limits=limits)
+            return self._http
 
     def _request(self, method: str, path: str, json=None, allow: set[int] = frozenset()):
         import httpx
