@@ -1,0 +1,173 @@
+"""GRPO of the evaluator (trainers/grpo.py) on a tiny Qwen2.5-VL: the video reaches every forward pass, steps train, rewards are FingER's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trl import TrlParser
+
+from finger_reward.instruct import completion_text, load_instruct
+from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.synthetic import make_world
+from finger_reward.trainers.grpo import GRPORecipe, VideoGRPOTrainer, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("grpo_world"), num_scenes=1)
+
+
+@pytest.fixture(scope="module")
+def records(world):
+    return load_instruct(world.instruct_path, mode="reason")
+
+
+def _recipe(model_dir, data, out, **overrides) -> GRPORecipe:
+    options = dict(model=str(model_dir), data=str(data), output_dir=str(out), num_generations=3, max_completion_length=12,
+                   max_steps=2, learning_rate=1e-3, logging_steps=1, save_steps=100, max_frames=4, seed=0)
+    return GRPORecipe(**{**options, **overrides})
+
+
+def _lengths(completions, **kwargs):
+    """A reward that differs within a group of a random model's completions (FingER's are all 0 there)."""
+    return [len(c) / 10 for c in completions]
+
+
+def _weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name, model", [("grpo_zero.yaml", "Qwen/Qwen2.5-VL-7B-Instruct"), ("grpo_coldstart.yaml", "out/sft_reason")])
+def test_configs_parse_with_the_papers_values(name, model):
+    (recipe,) = TrlParser([GRPORecipe]).parse_args_and_config(["--config", str(CONFIGS / name), "--data", "train.jsonl"])
+    assert recipe.model == model and recipe.data == "train.jsonl"
+    assert (recipe.num_generations, recipe.beta, recipe.epsilon, recipe.num_iterations, recipe.learning_rate) == (16, 0.04, 0.2, 1, 5e-7)
+    assert (recipe.fps, recipe.max_pixels, recipe.max_steps) == (2.0, 448 * 448, 2000)
+    (other,) = TrlParser([GRPORecipe]).parse_args_and_config(
+        ["--config", str(CONFIGS / name), "--data", "d.jsonl", "--model", "m", "--num_generations", "8", "--beta", "0"])
+    assert (other.model, other.num_generations, other.beta) == ("m", 8, 0.0)
+
+
+def test_recipe_rejects_a_group_of_one(tiny_model_dir):
+    with pytest.raises(ValueError, match="num_generations"):
+        GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", num_generations=1)
+
+
+def test_loss_depends_on_the_video(tiny_model_dir, world, records, tmp_path):
+    trainer = VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path), records=records)
+    record = records[0]
+    batch = trainer.rollout(record)
+    # Every forward pass gets the video: the processor's tensors for G rows, mm_token_type_ids marking the video tokens.
+    assert batch["video_grid_thw"].shape[0] == 3 and batch["pixel_values_videos"].shape[0] == 3 * batch["video_grid_thw"][0].prod()
+    assert (batch["mm_token_type_ids"] == 2).sum() > 0 and batch["second_per_grid_ts"].shape == (3,)
+    # The training forward reproduces the sampling policy's log-probabilities: ratio 1, KL 0 at the start.
+    with torch.no_grad():
+        assert torch.allclose(trainer.per_token_logps(trainer.model, batch), batch["old_per_token_logps"], atol=1e-5)
+    # A random model's completions all score 0 under FingER's rewards; give the group distinct advantages.
+    batch["advantages"] = torch.tensor([1.0, -0.5, -0.5])
+    trainer.model.zero_grad()
+    loss, metrics = trainer.compute_loss(batch)
+    loss.backward()
+    visual = [p.grad for p in trainer.model.model.visual.parameters() if p.grad is not None]
+    assert visual and max(g.abs().max().item() for g in visual) > 0, "no gradient reaches the vision tower"
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+
+    # The same batch with another clip's video (same shape, different content) gives another loss.
+    other = next(r for r in records if r.video != record.video)
+    video = trainer.repeat_inputs(trainer.prompt_inputs(other), 3)
+    assert torch.equal(video["video_grid_thw"], batch["video_grid_thw"])
+    assert not torch.equal(video["pixel_values_videos"], batch["pixel_values_videos"])
+    swapped = {**batch, "pixel_values_videos": video["pixel_values_videos"]}
+    with torch.no_grad():
+        same, _ = trainer.compute_loss(batch)
+        changed, _ = trainer.compute_loss(swapped)
+    assert same.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert abs(changed.item() - same.item()) > 1e-6, "the loss ignores the video"
+
+
+def test_logged_rewards_are_finger_rewards(tiny_model_dir, world, records, tmp_path):
+    trainer = VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path, num_generations=4), records=records)
+    record = records[1]
+    batch = trainer.rollout(record)
+    texts = [row["completion"] for row in batch["log"]]
+    accuracy = accuracy_reward(texts, answer=[record.answer] * 4)
+    fmt = format_reward(texts)
+    assert [row["accuracy_reward"] for row in batch["log"]] == accuracy
+    assert [row["format_reward"] for row in batch["log"]] == fmt
+    assert [row["reward"] for row in batch["log"]] == pytest.approx([a + f for a, f in zip(accuracy, fmt)])
+    assert batch["metrics"]["rewards/accuracy_reward/mean"] == pytest.approx(sum(accuracy) / 4)
+    assert batch["metrics"]["rewards/format_reward/mean"] == pytest.approx(sum(fmt) / 4)
+    assert all("parsed_answer" in row for row in batch["log"])  # accuracy_reward's log_extra column
+    # The reward path scores a gold completion 1 + 1 and garbage 0 + 0; advantages are group-normalised (Eq. 8).
+    gold = completion_text(record, "reason")
+    rewards, per_func, _, _ = trainer.score(record, [gold, "garbage"], [[1], [2]])
+    assert per_func["accuracy_reward"].tolist() == [1.0, 0.0] and per_func["format_reward"].tolist() == [1.0, 0.0]
+    assert rewards.tolist() == [2.0, 0.0]
+
+
+def test_grpo_steps_change_the_weights(tiny_model_dir, world, records, tmp_path):
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "out", max_steps=2, forward_batch_size=2)
+    trainer = VideoGRPOTrainer(recipe, records=records, reward_funcs=[accuracy_reward, format_reward, _lengths])
+    before = _weights(trainer.model)
+    trainer.train()
+    trainer.save_model(recipe.output_dir)
+    after = _weights(trainer.model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any("visual" in n for n in changed) and any("language_model" in n for n in changed)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    assert {"loss", "reward", "reward_std", "kl", "rewards/accuracy_reward/mean", "rewards/format_reward/mean",
+            "rewards/_lengths/mean", "clip_ratio/region_mean", "completions/mean_length"} <= set(log[0])
+    assert log[1]["kl"] > 0  # after one step the policy has left the reference
+    assert len((tmp_path / "out" / "completions.jsonl").read_text().splitlines()) == 2 * 3
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert trainer.args.num_generations == 3 and trainer.args.beta == 0.04 and trainer.args.epsilon == 0.2
+
+
+def test_lora_run_with_default_rewards(tiny_model_dir, world, tmp_path):
+    """`train(recipe)` end to end with LoRA: the reference is the model with adapters disabled."""
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "lora", lora=True, lora_target_modules="all-linear",
+                     num_generations=2, max_steps=1, max_completion_length=8)
+    trainer = train(recipe)
+    assert trainer.ref_model is None and trainer.log_history[0]["step"] == 1
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+
+
+def test_training_forward_matches_the_sampling_policy(tiny_model_dir, world, records, tmp_path):
+    """The log-probabilities of the loss equal those `generate` sampled from (video, mrope positions and all)."""
+    trainer = VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path), records=records)
+    prompt = trainer.repeat_inputs(trainer.prompt_inputs(records[2]), 2)
+    out = trainer.model.generate(**prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=10,
+                                 eos_token_id=trainer.eos_ids, pad_token_id=trainer.pad_id,
+                                 output_scores=True, return_dict_in_generate=True)
+    P = prompt["input_ids"].shape[1]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, out.sequences[:, P:, None]).squeeze(-1)
+    batch = {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences), "prompt_length": P,
+             "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(out.sequences[:, P:])], 1),
+             **{k: prompt[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}}
+    # Positions up to each row's first end token (after it generate pads, and the loss masks them out).
+    is_eos = torch.isin(out.sequences[:, P:], torch.tensor(trainer.eos_ids))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), is_eos.shape[1])
+    mask = torch.arange(is_eos.shape[1])[None] <= first[:, None]
+    with torch.no_grad():
+        ours = trainer.per_token_logps(trainer.model, batch)
+        assert torch.allclose(ours[mask], sampled[mask], atol=1e-4)
+        # Without the video tensors (what TRL 1.16's GRPOTrainer forwards) the log-probabilities are silently different.
+        text_only = {k: v for k, v in batch.items() if k not in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")}
+        assert not torch.allclose(trainer.per_token_logps(trainer.model, text_only)[mask], sampled[mask], atol=1e-2)
+
+
+def test_main_runs_a_config_from_the_command_line(tiny_model_dir, world, tmp_path):
+    from finger_reward.trainers.grpo import main
+
+    out = tmp_path / "cli"
+    trainer = main(["--config", str(CONFIGS / "grpo_coldstart.yaml"), "--model", str(tiny_model_dir), "--data", str(world.instruct_path),
+                    "--output_dir", str(out), "--num_generations", "2", "--max_steps", "1", "--max_completion_length", "6",
+                    "--max_frames", "4", "--bf16", "false", "--forward_batch_size", "1"])
+    assert trainer.global_step == 1 and trainer.recipe.beta == 0.04 and trainer.recipe.gradient_checkpointing
+    assert (out / "log.jsonl").is_file() and (out / "config.json").is_file()

@@ -1,0 +1,507 @@
+"""GRPO for the evaluator (FingER Sec. 3.3.3, Eq. 5-11; settings of Sec. 4.2): Zero-GRPO and GRPO with cold start.
+
+For each FingER-Instruct record (a question about a video) the policy samples a group of G
+completions `<reason>...</reason><answer>Yes|No</answer>` from the engine's own prompt (reason
+mode: system turn, video at 2 fps under a 448x448 pixel budget, question, assistant header). Each
+completion is rewarded with `accuracy_reward + format_reward` (Eq. 9-11, `finger_reward.rewards`),
+rewards are normalised within the group (Eq. 8), and the policy minimises the clipped surrogate
+with a KL penalty to the frozen starting model (Eq. 5-7):
+
+    loss = 1/G sum_i 1/|o_i| sum_t [ -min(r_it A_i, clip(r_it, 1-eps, 1+eps) A_i) + beta KL_it ]
+    r_it = pi(o_it | v, q, o_i<t) / pi_old(o_it | ...),   KL_it = pi_ref/pi - log(pi_ref/pi) - 1
+
+(token-level, as DeepSeekMath and TRL write Eq. 5). Paper: G=16, beta=0.04, epsilon=0.2, mu=1,
+lr 5e-7, 2k steps. Zero-GRPO starts from the base model (configs/grpo_zero.yaml), GRPO with cold
+start from the SFT-with-reasons checkpoint (configs/grpo_coldstart.yaml); nothing else differs.
+
+Why a loop of our own rather than TRL's GRPOTrainer: TRL 1.16 passes video blocks to generation,
+but `_generate_and_score_completions` / `_get_per_token_logps_and_entropies` forward only the image
+fields (pixel_values, image_grid_thw, ...) to the log-probability pass, and rebuild
+mm_token_type_ids only when image_grid_thw is present; with a video the policy gradient is taken
+on the text alone and silently ignores the clip. Patching that needs overrides of both
+`_generate_and_score_completions` (hundreds of lines) and `_get_per_token_logps_and_entropies`,
+plus TRL's image-only batch splitting (`split_pixel_values_by_grid`). This module instead keeps
+one small loop that feeds every forward pass (generation, old/reference log-probabilities, the
+loss) the same processor output the engine scores with, `pixel_values_videos`, `video_grid_thw`,
+`second_per_grid_ts` and `mm_token_type_ids` included, and reuses TRL's pieces: `GRPOConfig` holds
+the hyper-parameters (`trainer.args`), rewards have TRL's reward-function shape, and metrics use
+TRL's names (`reward`, `reward_std`, `rewards/<name>/mean`, `kl`, `clip_ratio/region_mean`,
+`completions/mean_length`, ...).
+
+Launch (one process; the loop does not shard over GPUs):
+
+    python -m finger_reward.trainers.grpo --config configs/grpo_zero.yaml \
+        --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --output_dir out/grpo_zero
+    python -m finger_reward.trainers.grpo --config configs/grpo_coldstart.yaml \
+        --model out/sft_reason --data train.jsonl --output_dir out/grpo_coldstart
+
+Every key of the YAML is a field of `GRPORecipe`; command-line flags override it. Metrics go to
+`output_dir/log.jsonl` (one line per logging step), the sampled completions with their rewards to
+`output_dir/completions.jsonl`, checkpoints to `output_dir/checkpoint-N`, the final model to
+`output_dir`. Cost: each step runs generation, one no-grad forward for pi_old (so the loss value is
+the true surrogate, and mu > 1 reuses it), one for pi_ref (beta > 0) and one with gradients, over
+G rows that each carry the video; `forward_batch_size` bounds the rows per forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
+from trl import GRPOConfig, TrlParser
+
+from finger_reward.engine.inputs import processor_inputs
+from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
+from finger_reward.rewards import accuracy_reward, format_reward
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+DTYPES = ("float32", "bfloat16", "float16")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+MODE = "reason"  # GRPO trains the reasoning format; the prompt is the engine's reason-mode prompt
+
+
+@dataclass
+class GRPORecipe:
+    """Everything a GRPO run needs; loadable from a flat YAML (configs/grpo_*.yaml) with CLI overrides."""
+
+    model: str | None = field(default=None, metadata={"help": "start checkpoint: the base model (Zero-GRPO) or the SFT-with-reasons output (cold start)"})
+    data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL (question fields, video, answer; reason not needed)"})
+    output_dir: str = field(default="out/grpo", metadata={"help": "logs, checkpoints and the final model go here"})
+
+    num_generations: int = field(default=16, metadata={"help": "G, completions sampled per question (paper: 16)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the frozen start model (paper: 0.04); 0 drops the reference model"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the probability ratio (paper: 0.2)"})
+    num_iterations: int = field(default=1, metadata={"help": "mu, optimizer steps per generated batch (paper: 1)"})
+    learning_rate: float = field(default=5.0e-7, metadata={"help": "AdamW peak learning rate (paper: 5e-7)"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide group-centred rewards by the group std (Eq. 8)"})
+    max_completion_length: int = field(default=256, metadata={"help": "most new tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also divides the logits of the log-probabilities, as TRL does)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "questions per micro-step, each with num_generations completions"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    forward_batch_size: int | None = field(default=None, metadata={"help": "rows (completions) per forward pass; default: the whole group"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps (paper: 2k)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+
+    fps: float = field(default=2.0, metadata={"help": "frames per second sampled from each video (paper: 2), as the engine samples"})
+    max_pixels: int = field(default=448 * 448, metadata={"help": "pixel budget per frame, H x W (paper: 448 x 448)"})
+    max_frames: int = field(default=48, metadata={"help": "at most this many frames per video"})
+
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft); the reference is the model with adapters disabled"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: str = field(default=LANGUAGE_MODEL_LINEARS, metadata={"help": "peft target_modules (regex or 'all-linear')"})
+    freeze_vision: bool = field(default=False, metadata={"help": "full fine-tuning only: keep the vision tower fixed"})
+
+    model_dtype: str = field(default="float32", metadata={"help": f"dtype of the loaded weights, one of {DTYPES}"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    seed: int = field(default=42, metadata={"help": "seed for data order, sampling and LoRA init"})
+    logging_steps: int = field(default=10, metadata={"help": "write averaged metrics every N optimizer steps"})
+    save_steps: int = field(default=500, metadata={"help": "save a checkpoint every N optimizer steps"})
+    report_to: str = field(default="none", metadata={"help": "kept in GRPOConfig; metrics always go to output_dir/log.jsonl"})
+
+    def __post_init__(self):
+        if self.model is None or self.data is None:
+            raise ValueError("GRPORecipe needs `model` and `data`: pass --model PATH --data train.jsonl (or set them in the YAML)")
+        if self.num_generations < 2:
+            raise ValueError(f"GRPO needs num_generations >= 2 to normalise rewards within a group, got {self.num_generations}")
+        if self.beta < 0 or not self.epsilon > 0 or self.num_iterations < 1:
+            raise ValueError(f"need beta >= 0, epsilon > 0, num_iterations >= 1; got {self.beta}, {self.epsilon}, {self.num_iterations}")
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r} is not one of {DTYPES}")
+        if self.lora and self.freeze_vision:
+            raise ValueError("freeze_vision applies to full fine-tuning; with lora=true only the adapters train already")
+        if not self.fps > 0 or self.max_frames < 1 or self.max_pixels < 1:
+            raise ValueError(f"need fps > 0, max_frames >= 1, max_pixels >= 1; got {self.fps}, {self.max_frames}, {self.max_pixels}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ValueError(f"forward_batch_size must be at least 1, got {self.forward_batch_size}")
+
+
+def grpo_config(recipe: GRPORecipe) -> GRPOConfig:
+    """TRL's GRPOConfig for the recipe (TRL counts completions per device: questions x G)."""
+    return GRPOConfig(
+        output_dir=recipe.output_dir,
+        num_generations=recipe.num_generations,
+        beta=recipe.beta,
+        epsilon=recipe.epsilon,
+        num_iterations=recipe.num_iterations,
+        learning_rate=recipe.learning_rate,
+        scale_rewards="group" if recipe.scale_rewards else "none",
+        loss_type="grpo",
+        max_completion_length=recipe.max_completion_length,
+        temperature=recipe.temperature,
+        top_p=recipe.top_p,
+        per_device_train_batch_size=recipe.per_device_train_batch_size * recipe.num_generations,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_steps=recipe.max_steps,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+        save_steps=recipe.save_steps,
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        report_to=recipe.report_to,
+    )
+
+
+# ---- model ----------------------------------------------------------------------------------------
+
+
+def load_model(recipe: GRPORecipe):
+    model = AutoModelForImageTextToText.from_pretrained(recipe.model, dtype=getattr(torch, recipe.model_dtype))
+    processor = AutoProcessor.from_pretrained(recipe.model)
+    if recipe.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if recipe.lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=recipe.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model, processor
+
+
+def _select_rows(batch: dict, rows: slice) -> dict:
+    """Rows `rows` of a rollout batch, with the video tensors of exactly those rows."""
+    out = {}
+    grid = batch["video_grid_thw"]
+    patches = torch.cat([grid.new_zeros(1), grid.prod(dim=-1).cumsum(0)])
+    for key, value in batch.items():
+        if key == "pixel_values_videos":
+            out[key] = value[patches[rows.start]: patches[rows.stop]]
+        elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            out[key] = value[rows]
+        else:
+            out[key] = value
+    return out
+
+
+class VideoGRPOTrainer:
+    """GRPO on FingER-Instruct for a video VLM, every forward pass seeing the video.
+
+    `reward_funcs`: callables in TRL's reward shape (default `[accuracy_reward, format_reward]`,
+    FingER Eq. 9), weighted by `reward_weights` (default 1 each) and summed. `model`/`processor`
+    may be given (else loaded from `recipe.model`); `records` likewise (else `load_instruct`).
+    """
+
+    def __init__(self, recipe: GRPORecipe, *, model=None, processor=None,
+                 reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
+                 records: list[InstructRecord] | None = None):
+        self.recipe, self.args = recipe, grpo_config(recipe)
+        random.seed(recipe.seed)
+        torch.manual_seed(recipe.seed)
+        if model is None:
+            model, loaded = load_model(recipe)
+            processor = processor or loaded
+        elif processor is None:
+            processor = AutoProcessor.from_pretrained(recipe.model)
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        if recipe.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [accuracy_reward, format_reward]
+        self.reward_weights = torch.tensor(reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs))
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
+        self.records = records if records is not None else load_instruct(recipe.data)
+        self.collator = VideoSFTCollator(processor, MODE, fps=recipe.fps, max_frames=recipe.max_frames,
+                                         max_pixels=recipe.max_pixels)
+        self.ref_model = self._reference()
+        eos = {self.tokenizer.convert_tokens_to_ids(self.collator.end_of_turn)} if self.collator.end_of_turn else set()
+        eos |= {self.tokenizer.eos_token_id} - {None}
+        eos |= set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
+        self.eos_ids = sorted(i for i in eos if isinstance(i, int) and i >= 0)
+        self.pad_id = self.collator.pad_id
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                           betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        self.scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=self.args.warmup_steps, num_training_steps=self.args.max_steps)
+        self.global_step = 0
+        self.log_history: list[dict] = []
+        self.completions: list[dict] = []  # every sampled completion with its rewards (also in completions.jsonl)
+        self._order: list[int] = []
+
+    # ---- reference policy -------------------------------------------------------------------------
+
+    def _reference(self):
+        if self.args.beta == 0:
+            return None
+        if self.recipe.lora:
+            return None  # the policy with its adapters disabled
+        ref = copy.deepcopy(self.model).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _ref_context(self):
+        if self.ref_model is None and self.recipe.lora:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    def _autocast(self):
+        if self.recipe.bf16 and torch.cuda.is_available():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- rollout: prompt, G completions, rewards, advantages ------------------------------------
+
+    def prompt_inputs(self, record: InstructRecord) -> dict[str, torch.Tensor]:
+        """The engine's reason-mode prompt for the record with its video: the processor's full output
+        (input_ids, attention_mask, mm_token_type_ids, pixel_values_videos, video_grid_thw, second_per_grid_ts)."""
+        inputs = processor_inputs(self.processor, self.collator.prompt_text(record), self.collator.load_clip(record))
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    @staticmethod
+    def repeat_inputs(inputs: dict, n: int) -> dict:
+        """One prompt's processor output repeated for n rows (the video tensors once per row)."""
+        return {k: (v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def rollout(self, record: InstructRecord) -> dict:
+        """Sample G completions for one record and build the group's training batch (see `compute_loss`)."""
+        G = self.args.num_generations
+        prompt = self.repeat_inputs(self.prompt_inputs(record), G)
+        prompt_length = prompt["input_ids"].shape[1]
+        was_training = self.model.training
+        self.model.eval()
+        with self._autocast():
+            out = self.model.generate(
+                **prompt, do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
+                max_new_tokens=self.args.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            )
+        self.model.train(was_training)
+        completion_ids = out[:, prompt_length:]
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_ids, device=completion_ids.device))
+        # Mask after the first end token (the end token itself is trained: it teaches the model to stop).
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
+        completion_mask = (torch.arange(completion_ids.shape[1], device=out.device)[None] <= first[:, None]).long()
+        ids_list = [row[: int(m.sum())].tolist() for row, m in zip(completion_ids, completion_mask)]
+        texts = [self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True) for ids in ids_list]
+
+        batch = {
+            "input_ids": out,
+            "attention_mask": torch.cat([prompt["attention_mask"], completion_mask], dim=1),
+            "completion_mask": completion_mask,
+            "prompt_length": prompt_length,
+            **{k: prompt[k] for k in VIDEO_KEYS if k in prompt},
+        }
+        if "mm_token_type_ids" in prompt:
+            batch["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+
+        rewards, per_func, extra, metrics = self.score(record, texts, ids_list)
+        mean = rewards.mean()
+        std = rewards.std()
+        advantages = rewards - mean
+        if self.recipe.scale_rewards:
+            advantages = advantages / (std + 1e-4)
+        batch["advantages"] = advantages.to(self.device)
+        batch["old_per_token_logps"] = self.per_token_logps(self.model, batch)
+        if self.args.beta != 0:
+            with self._ref_context():
+                batch["ref_per_token_logps"] = self.per_token_logps(self.ref_model or self.model, batch)
+
+        lengths = completion_mask.sum(1).float()
+        metrics.update({
+            "reward": mean.item(), "reward_std": std.item(), "frac_reward_zero_std": float(std.item() == 0),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/clipped_ratio": (~is_eos.any(1)).float().mean().item(),
+        })
+        for name, values in per_func.items():
+            metrics[f"rewards/{name}/mean"] = float(torch.nanmean(values))
+            metrics[f"rewards/{name}/std"] = float(values[~values.isnan()].std()) if (~values.isnan()).sum() > 1 else 0.0
+        batch["metrics"] = metrics
+        batch["log"] = [
+            {"step": self.global_step, "question": record.question, "video": record.video, "answer": record.answer,
+             "completion": text, **{name: float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
+             "advantage": float(advantages[i]), **{k: v[i] for k, v in extra.items()}}
+            for i, text in enumerate(texts)
+        ]
+        return batch
+
+    def score(self, record: InstructRecord, texts: list[str], ids_list: list[list[int]]):
+        """Rewards in TRL's calling convention; None means not applicable (NaN, ignored in the sum)."""
+        G = len(texts)
+        columns = {k: [v] * G for k, v in record.to_dict().items() if k not in ("prompt", "completion", "completion_ids")}
+        extra: dict[str, list] = {}
+        metrics: dict[str, float] = {}
+        per_func = {}
+        for func in self.reward_funcs:
+            name = getattr(func, "__name__", type(func).__name__)
+            values = func(prompts=[self.collator.prompt_text(record)] * G, completions=texts, completion_ids=ids_list,
+                          **columns, trainer_state=None, log_extra=lambda key, vals: extra.__setitem__(key, list(vals)),
+                          log_metric=lambda key, val: metrics.__setitem__(key, float(val)))
+            per_func[name] = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+        stacked = torch.stack(list(per_func.values()), dim=1)
+        rewards = (stacked * self.reward_weights[None]).nansum(dim=1)
+        return rewards, per_func, extra, metrics
+
+    # ---- log-probabilities and the loss ---------------------------------------------------------
+
+    def _forward_inputs(self, batch: dict) -> dict:
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", *VIDEO_KEYS)
+        return {k: batch[k] for k in keys if k in batch}
+
+    def per_token_logps(self, model, batch: dict) -> torch.Tensor:
+        """log pi(o_t | v, q, o_<t) of every completion token, the video in the forward pass; (rows, C)."""
+        P = batch["prompt_length"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and model is self.model), self._autocast():
+            rows = batch["input_ids"].shape[0]
+            size = self.recipe.forward_batch_size or rows
+            if torch.is_grad_enabled() or size >= rows:
+                return self._logps(model, self._forward_inputs(batch), P)
+            return torch.cat([self._logps(model, self._forward_inputs(_select_rows(batch, slice(i, min(i + size, rows)))), P)
+                              for i in range(0, rows, size)])
+
+    def _logps(self, model, inputs: dict, prompt_length: int) -> torch.Tensor:
+        logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1: -1].float() / self.args.temperature
+        targets = inputs["input_ids"][:, prompt_length:]
+        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """The GRPO loss (Eq. 5-7) of a rollout batch, mean over its rows, with gradients to the policy."""
+        logps = self.per_token_logps(self.model, batch)
+        mask = batch["completion_mask"].to(logps.dtype)
+        advantages = batch["advantages"][:, None]
+        ratio = torch.exp(logps - batch["old_per_token_logps"])
+        eps = self.args.epsilon
+        clipped = torch.clamp(ratio, 1 - eps, 1 + eps)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        metrics = {}
+        if self.args.beta != 0:
+            delta = batch["ref_per_token_logps"] - logps
+            kl = torch.exp(delta) - delta - 1
+            per_token = per_token + self.args.beta * kl
+            metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        region = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
+        metrics["clip_ratio/region_mean"] = ((region.float() * mask).sum() / mask.sum().clamp(min=1)).item()
+        return loss, metrics
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def _next_record(self) -> InstructRecord:
+        if not self._order:
+            self._order = list(range(len(self.records)))
+            random.Random(self.recipe.seed + self.global_step).shuffle(self._order)
+        return self.records[self._order.pop()]
+
+    def train(self):
+        recipe, args = self.recipe, self.args
+        out = Path(recipe.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        pending: dict[str, list[float]] = defaultdict(list)
+        self.model.train()
+        while self.global_step < args.max_steps:
+            groups = [self.rollout(self._next_record())
+                      for _ in range(recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size)]
+            with (out / "completions.jsonl").open("a", encoding="utf-8") as f:
+                for g in groups:
+                    self.completions.extend(g["log"])
+                    f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in g["log"])
+            for _ in range(args.num_iterations):
+                if self.global_step >= args.max_steps:
+                    break
+                step_metrics = self.optimizer_step(groups)
+                for g in groups:
+                    for k, v in g["metrics"].items():
+                        pending[k].append(v)
+                for k, v in step_metrics.items():
+                    pending[k].append(v)
+                if self.global_step % args.logging_steps == 0 or self.global_step == args.max_steps:
+                    self.log({k: sum(v) / len(v) for k, v in pending.items()}, out)
+                    pending.clear()
+                if args.save_steps and self.global_step % args.save_steps == 0 and self.global_step < args.max_steps:
+                    self.save_model(out / f"checkpoint-{self.global_step}")
+        self.model.eval()
+        return self
+
+    def optimizer_step(self, groups: list[dict]) -> dict[str, float]:
+        """One optimizer step over the rollout groups (each group's loss weighted 1/len(groups))."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, list[float]] = defaultdict(list)
+        loss_sum = 0.0
+        for group in groups:
+            rows = group["input_ids"].shape[0]
+            size = self.recipe.forward_batch_size or rows
+            for start in range(0, rows, size):
+                part = _select_rows(group, slice(start, min(start + size, rows)))
+                loss, metrics = self.compute_loss(part)
+                weight = (part["input_ids"].shape[0] / rows) / len(groups)
+                (loss * weight).backward()
+                loss_sum += loss.item() * weight
+                for k, v in metrics.items():
+                    totals[k].append(v)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "learning_rate": self.scheduler.get_last_lr()[0],
+                **{k: sum(v) / len(v) for k, v in totals.items()}}
+
+    def log(self, metrics: dict[str, float], out: Path):
+        row = {"step": self.global_step, **metrics}
+        self.log_history.append(row)
+        logger.info("%s", row)
+        with (out / "log.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save_model(self, path: str | Path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+
+
+def build_trainer(recipe: GRPORecipe, **kwargs) -> VideoGRPOTrainer:
+    return VideoGRPOTrainer(recipe, **kwargs)
+
+
+def train(recipe: GRPORecipe, **kwargs) -> VideoGRPOTrainer:
+    """Train, save the final model (or adapter) and processor to output_dir, return the trainer."""
+    trainer = build_trainer(recipe, **kwargs).train()
+    trainer.save_model(recipe.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    (recipe,) = TrlParser([GRPORecipe]).parse_args_and_config(argv)
+    return train(recipe)
+
+
+if __name__ == "__main__":
+    main()
