@@ -183,19 +183,40 @@ class FingerReward:
         return jobs
 
     def run(self, jobs: Sequence[Job | Exception]) -> list[VideoScore | Exception]:
-        """The model half: answer and score every prepared job; errors pass through in place."""
-        outcomes: list[VideoScore | Exception] = []
-        for job in tqdm(jobs, desc="scoring", unit="video", disable=not self.progress):
-            if isinstance(job, Exception):
-                outcomes.append(job)
-                continue
-            try:
-                answers = self.engine.answer(job.clip, [q.question for q in job.questions])
-                outcomes.append(score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
-                                            aggregate=self.aggregate, weights=self.weights))
-            except Exception as err:
-                outcomes.append(_logged(err, job.name))
+        """The model half: answer and score every prepared job; errors pass through in place.
+
+        An engine with `answer_many` gets all the jobs at once to batch across videos; if that
+        fails, each job is retried alone, so one bad video cannot fail the others.
+        """
+        outcomes: list[VideoScore | Exception] = list(jobs)
+        ready = [i for i, job in enumerate(jobs) if not isinstance(job, Exception)]
+        with tqdm(total=len(jobs), desc="scoring", unit="video", disable=not self.progress) as bar:
+            bar.update(len(jobs) - len(ready))
+            answers = self._answer_together([jobs[i] for i in ready])
+            for i, answer in zip(ready, answers):
+                outcomes[i] = self._score_job(jobs[i], answer)
+                bar.update()
         return outcomes
+
+    def _answer_together(self, jobs: list[Job]) -> list:
+        """Each job's answers, or None where it must be answered alone."""
+        answer_many = getattr(self.engine, "answer_many", None)
+        if answer_many is None or len(jobs) < 2:
+            return [None] * len(jobs)
+        try:
+            return answer_many([job.clip for job in jobs], [[q.question for q in job.questions] for job in jobs])
+        except Exception as err:
+            logger.warning("batch of %d videos failed (%s); answering each alone", len(jobs), err)
+            return [None] * len(jobs)
+
+    def _score_job(self, job: Job, answers=None) -> VideoScore | Exception:
+        try:
+            if answers is None:
+                answers = self.engine.answer(job.clip, [q.question for q in job.questions])
+            return score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
+                               aggregate=self.aggregate, weights=self.weights)
+        except Exception as err:
+            return _logged(err, job.name)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ that prefix is almost all of the tokens. The engine encodes it once, keeps its K
 runs all the video's questions as one batch of short suffixes on top of it (DESIGN.md, The
 engine). Text after the video takes 1-D positions that continue from the prefix's last
 position as the model's own rope index computes it, so no mrope arithmetic is done by hand.
+
+`answer_many` batches across videos as well: videos sorted by prefix length are grouped under a
+token budget, a group's prefixes are prefilled right-padded in one forward, and all the group's
+questions run as one batch of suffixes, each row over its own video's cache row. Padding is
+masked, so a video's result does not depend on the other videos in its group.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ class Answers:
 
 @dataclass
 class _Prefix:
-    """The encoded "system + video" prefix of one video: its KV cache per layer and rope offset."""
+    """Encoded "system + video" prefixes of one or more videos, right-padded to one length."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    length: int
-    rope_delta: torch.Tensor  # (1, 1): text position minus token index after the prefix
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (videos, heads, length, dim)
+    mask: torch.Tensor  # (videos, length): 1 on real tokens, 0 on padding
+    rope_delta: torch.Tensor  # (videos, 1): text position minus cache slot for text after the prefix
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -65,6 +74,7 @@ class TransformersEngine:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         question_batch_size: int = 32,
+        max_batch_tokens: int = 16384,
         share_prefix: bool = True,
     ):
         self.model, self.processor = model.eval(), processor
@@ -72,6 +82,7 @@ class TransformersEngine:
         self.mode = prompts.check_mode(mode)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.question_batch_size, self.share_prefix = question_batch_size, share_prefix
+        self.max_batch_tokens = max_batch_tokens
         self.split = prompts.split_prompt(processor, mode)
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -104,13 +115,82 @@ class TransformersEngine:
             return Answers(torch.zeros(0, 2), [] if self.mode == "reason" else None)
         if not self.share_prefix:
             return self._answer_plain(clip, questions)
-        prefix = self._encode_prefix(clip)
-        suffixes = [self._suffix_ids(q) for q in questions]
+        if self.mode == "answer":
+            return self._answer_batched([clip], [questions])[0]
+        prefix = self._encode_prefixes([self._prefix_inputs(clip)])
         probs, reasons = [], []
-        for chunk_probs, chunk_reasons in self._chunks(prefix, suffixes):
+        for chunk_probs, chunk_reasons in self._chunks(prefix, [self._suffix_ids(q) for q in questions]):
             probs.append(chunk_probs)
             reasons += chunk_reasons
-        return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+        return Answers(torch.cat(probs), reasons)
+
+    @torch.inference_mode()
+    def answer_many(self, clips: list[Clip], questions_per_clip: list[list[str]]) -> list[Answers]:
+        """`answer` for many videos; in answer mode, batched across videos under `max_batch_tokens`.
+
+        Reason mode and the plain loop answer one video after another.
+        """
+        if len(clips) != len(questions_per_clip):
+            raise ValueError(f"got {len(clips)} clips but {len(questions_per_clip)} question lists")
+        if self.mode == "reason" or not self.share_prefix:
+            return [self.answer(clip, questions) for clip, questions in zip(clips, questions_per_clip)]
+        return self._answer_batched(clips, questions_per_clip)
+
+    # ---- cross-video batching (answer mode) -----------------------------------------------------
+
+    def _answer_batched(self, clips: list[Clip], questions_per_clip: list[list[str]]) -> list[Answers]:
+        todo = [i for i, questions in enumerate(questions_per_clip) if questions]
+        inputs = {i: self._prefix_inputs(clips[i]) for i in todo}
+        suffixes = {i: [self._suffix_ids(q) for q in questions_per_clip[i]] for i in todo}
+        probs = {}
+        for group in self._groups(inputs, suffixes):
+            probs.update(self._run_group(group, inputs, suffixes))
+        return [Answers(probs.get(i, torch.zeros(0, 2))) for i in range(len(clips))]
+
+    def _groups(self, inputs: dict[int, dict], suffixes: dict[int, list[list[int]]]) -> list[list[int]]:
+        """Videos by ascending prefix length, cut into groups whose cost stays within `max_batch_tokens`.
+
+        A group's cost is the token slots of its question pass: rows x (longest prefix + longest
+        suffix), as that cache is what grows memory. A video over the budget still runs, alone.
+        """
+        prefix_len = {i: x["input_ids"].shape[1] for i, x in inputs.items()}
+        suffix_len = {i: max(map(len, s)) for i, s in suffixes.items()}
+
+        def cost(group: list[int]) -> int:
+            rows = sum(len(suffixes[i]) for i in group)
+            return rows * (max(prefix_len[i] for i in group) + max(suffix_len[i] for i in group))
+
+        groups: list[list[int]] = []
+        for i in sorted(inputs, key=prefix_len.__getitem__):
+            if groups and cost(groups[-1] + [i]) <= self.max_batch_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _run_group(self, group: list[int], inputs: dict, suffixes: dict) -> dict[int, torch.Tensor]:
+        """Probabilities per video of a group; on CUDA out-of-memory, split the group in halves and retry."""
+        try:
+            if len(group) == 1:
+                prefix = self._encode_prefixes([inputs[group[0]]])
+                return {group[0]: torch.cat([p for p, _ in self._chunks(prefix, suffixes[group[0]])])}
+            return self._answer_group(group, inputs, suffixes)
+        except torch.cuda.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(group) // 2
+            logger.warning("CUDA out of memory with %d videos per batch; splitting into %d and %d", len(group), half, len(group) - half)
+            return {**self._run_group(group[:half], inputs, suffixes), **self._run_group(group[half:], inputs, suffixes)}
+
+    def _answer_group(self, group: list[int], inputs: dict, suffixes: dict) -> dict[int, torch.Tensor]:
+        """One prefill of the group's prefixes, then one pass over all its questions."""
+        prefix = self._encode_prefixes([inputs[i] for i in group])
+        rows = [s for i in group for s in suffixes[i]]
+        videos = torch.tensor([k for k, i in enumerate(group) for _ in suffixes[i]], device=self.device)
+        probs = self._probs(self._extend(prefix, rows, videos)[0])
+        return dict(zip(group, probs.split([len(suffixes[i]) for i in group])))
 
     def _chunks(self, prefix: _Prefix, suffixes: list[list[int]]):
         """Run the questions in chunks of `question_batch_size`; on CUDA out-of-memory, halve the chunk and retry."""
@@ -137,35 +217,43 @@ class TransformersEngine:
     def _model_inputs(self, text: str, clip: Clip) -> dict:
         return processor_inputs(self.processor, text, clip).to(self.device)
 
-    def _encode_prefix(self, clip: Clip) -> _Prefix:
-        inputs = self._model_inputs(self.split.prefix, clip)
-        # The model's own rope index gives the prefix's 3-D positions. The first text token after
-        # it sits one past the last prefix token (a text token), which is not always one past the
-        # prefix maximum (the video's temporal positions can reach beyond), so the model's cached
-        # `rope_deltas` for the prefix alone would be wrong here.
+    def _prefix_inputs(self, clip: Clip) -> dict:
+        """The processor's inputs for the prefix, on CPU until its group runs."""
+        return processor_inputs(self.processor, self.split.prefix, clip)
+
+    def _encode_prefixes(self, inputs: list[dict]) -> _Prefix:
+        batch = _right_pad_batch(inputs, self.pad_id, self.device)
+        # The model's own rope index gives the prefixes' 3-D positions. The first text token after
+        # a prefix sits one past its last real token (a text token), which is not always one past
+        # the prefix maximum (the video's temporal positions can reach beyond), so the model's
+        # cached `rope_deltas` for the prefix alone would be wrong here.
         position_ids, _ = self.model.model.get_rope_index(
-            input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs.get("second_per_grid_ts"),
-            attention_mask=inputs["attention_mask"],
+            input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+            video_grid_thw=batch["video_grid_thw"], second_per_grid_ts=batch.get("second_per_grid_ts"),
+            attention_mask=batch["attention_mask"],
         )
-        out = self.model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        out = self.model(**batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        length = inputs["input_ids"].shape[1]
-        return _Prefix(kv=kv, length=length, rope_delta=position_ids[0, :, -1:] + 1 - length)
+        mask = batch["attention_mask"]
+        last = position_ids[0, torch.arange(len(mask), device=mask.device), mask.sum(1) - 1]
+        return _Prefix(kv=kv, mask=mask, rope_delta=(last + 1 - mask.shape[1])[:, None])
 
     def _suffix_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.split.text_after_video(question), add_special_tokens=False)
 
-    def _extend(self, prefix: _Prefix, suffixes: list[list[int]]):
-        """Run right-padded suffixes over per-row views of the prefix cache (see `_feed`)."""
+    def _extend(self, prefix: _Prefix, suffixes: list[list[int]], videos: torch.Tensor | None = None):
+        """Run right-padded suffixes, row i over the cache row of video `videos[i]` (see `_feed`)."""
         from transformers import DynamicCache
 
         rows = len(suffixes)
-        # expand() is a view: the prefix is materialised per row only when the cache grows.
-        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv])
-        mask = torch.ones(rows, prefix.length, dtype=torch.long, device=self.device)
+        if videos is None:  # one video: expand() is a view, materialised per row only when the cache grows
+            kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv]
+            mask, rope_delta = prefix.mask.expand(rows, -1), prefix.rope_delta
+        else:
+            kv = [(k.index_select(0, videos), v.index_select(0, videos)) for k, v in prefix.kv]
+            mask, rope_delta = prefix.mask[videos], prefix.rope_delta[videos]
         start = torch.full((rows,), prefix.length, device=self.device)
-        return self._feed(cache, mask, start, prefix.rope_delta, suffixes)
+        return self._feed(DynamicCache(ddp_cache_data=kv), mask, start, rope_delta, suffixes)
 
     def _feed(self, cache, mask, start, rope_delta, rows: list[list[int]]):
         """One forward of a right-padded batch of token rows appended to `cache`.
@@ -257,6 +345,20 @@ class TransformersEngine:
                 inputs = _append_text_tokens(inputs, generated[:-1] + self._closing_ids(generated))
             probs.append(self._probs(self.model(**inputs, logits_to_keep=1).logits[:, -1]))
         return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+
+
+def _right_pad_batch(inputs: list[dict], pad_id: int, device) -> dict:
+    """Processor outputs for single prompts as one batch: token rows right-padded, videos concatenated."""
+    width = max(x["input_ids"].shape[1] for x in inputs)
+    pads = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    batch = {}
+    for key in inputs[0]:
+        if key in pads:
+            rows = [torch.nn.functional.pad(x[key], (0, width - x[key].shape[1]), value=pads[key]) for x in inputs]
+        else:
+            rows = [x[key] for x in inputs]
+        batch[key] = torch.cat(rows).to(device)
+    return batch
 
 
 def _append_text_tokens(inputs: dict, ids: list[int]) -> dict:
