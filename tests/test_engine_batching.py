@@ -7,14 +7,8 @@ import torch
 
 from finger_reward.engine import TransformersEngine
 from finger_reward.video import load_video
+from tests.test_engine import QUESTIONS
 
-QUESTIONS = [
-    "Is the red circle moving from left to right?",
-    "Does the video flicker?",
-    "Is there a blue square in the video at all times?",
-    "Yes or no: is the background dark?",
-    "Does the object pass through the wall?",
-]
 
 
 @pytest.fixture(scope="module")
