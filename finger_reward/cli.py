@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--width", type=int, default=832)
     pairs.add_argument("--steps", type=int, default=30, help="pipeline inference steps")
     pairs.add_argument("--reward-url", help="score through a running finger-reward service")
+    pairs.add_argument("--reward-token", default=os.environ.get("FINGER_REWARD_TOKEN"),
+                       help="the service's token (default: $FINGER_REWARD_TOKEN)")
     pairs.add_argument("--questions", help="question bank JSONL (default: template questions)")
     pairs.add_argument("--model", default=os.environ.get(MODEL_ENV), help=f"FingER checkpoint (default: ${MODEL_ENV})")
     pairs.set_defaults(run=_select_pairs)
@@ -356,7 +358,7 @@ def _select_pairs(args) -> int:
     if args.reward_url:
         from finger_reward.serve import FingerRewardClient
 
-        reward = FingerRewardClient(args.reward_url)
+        reward = FingerRewardClient(args.reward_url, token=args.reward_token)
     else:
         from finger_reward.reward import FingerReward
 
