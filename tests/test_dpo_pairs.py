@@ -193,3 +193,26 @@ def test_select_pairs_cli(tiny_model_dir, tmp_path):
     both = subprocess.run([*args[:-8], "--model", str(tiny_model_dir), "--reward-url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=120)
     assert both.returncode == 2 and "exactly one of --reward-url" in both.stderr
+
+
+def test_select_pairs_cli_through_a_service_with_a_token(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from finger_reward import FingerReward
+    from finger_reward.serve import ServeConfig
+    from finger_reward.serve.local import LocalServer
+    from finger_reward.tiny_wan import make_tiny_wan_pipeline
+
+    pipeline_dir = make_tiny_wan_pipeline(tmp_path / "wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kite flies over a hill\n")
+    with LocalServer(FingerReward.from_pretrained(tiny_model_dir), ServeConfig(port=0, token="t0k")) as server:
+        args = [sys.executable, "-m", "finger_reward.cli", "select-pairs", "--pipeline", str(pipeline_dir),
+                "--prompts", str(prompts), "--num-candidates", "2", "--out", str(tmp_path / "out"),
+                "--reward-url", server.url, "--num-frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
+        refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "401" in refused.stderr
+        done = subprocess.run([*args, "--reward-token", "t0k"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "pairs.jsonl").exists() or (tmp_path / "out" / "done.jsonl").exists()
