@@ -18,23 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from finger_reward.errors import BatchError
 from finger_reward.questions import DIMENSIONS
+from finger_reward.rewards import completion_text
 
 logger = logging.getLogger(__name__)
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a TRL completion: a string, or chat messages whose assistant content is joined."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence):
-        parts = [m.get("content", "") for m in completion if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
-        return "".join(p if isinstance(p, str) else "".join(b.get("text", "") for b in p) for p in parts)
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
 
 
 class FingerVideoReward:

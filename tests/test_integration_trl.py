@@ -9,7 +9,8 @@ import pickle
 import pytest
 
 from finger_reward import FingerReward
-from finger_reward.integrations.trl import AsyncFingerVideoReward, FingerVideoReward, completion_text
+from finger_reward.integrations.trl import AsyncFingerVideoReward, FingerVideoReward
+from finger_reward.rewards import completion_text
 from finger_reward.serve import FingerRewardClient
 from finger_reward.synthetic import COLORS, Scene, render
 

@@ -277,7 +277,10 @@ def _as_float(name: str, value) -> float:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The prompts file as `finger-reward select-pairs` reads it (.txt lines or .jsonl); empty is an error."""
+    from finger_reward.cli import read_prompts as read_prompts_file
+
+    prompts = read_prompts_file(path)
     if not prompts:
         raise ValueError(f"{path} has no prompts; write one prompt per line")
     return prompts
