@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import tempfile
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--prompt", required=True, help="the text prompt the videos were generated from")
     score.add_argument("--questions", required=True, help="question bank JSONL holding the prompt's questions")
     _add_model_options(score)
+    _add_server_options(score)
     score.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")
     score.set_defaults(run=_score)
 
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     score_dir.add_argument("--out", required=True, help="results JSONL; videos already in it are skipped")
     score_dir.add_argument("--chunk", type=int, default=16, help="videos per scoring call (results are saved per chunk)")
     _add_model_options(score_dir)
+    _add_server_options(score_dir)
     score_dir.set_defaults(run=_score_dir)
 
     questions = commands.add_parser("questions", help="generate a question bank from prompts (resumable)")
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scores", help="per-video results JSONL; an existing file is resumed (default: next to --out)")
     evaluate.add_argument("--report", help="also write an HTML report with human scores here")
     _add_model_options(evaluate)
+    _add_server_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
     report = commands.add_parser("report", help="an HTML page of results: frames, scores, questions, plots")
@@ -132,9 +137,22 @@ def _add_model_options(parser: argparse.ArgumentParser, model_required: bool = T
     parser.add_argument("--weights", type=_weights, help="dimension weights, e.g. visual_quality=2,text_alignment=1")
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--slowfast", type=_threshold, nargs="?", const=0.9, metavar="THRESHOLD",
+                        help="Q-Save SlowFast frames: a frame whose patch similarity to the last full-size frame "
+                             "exceeds THRESHOLD (default 0.9) goes in at a quarter of the pixels; logs the tokens saved")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reason length limit in reason mode")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a patch similarity threshold in [0, 1], e.g. 0.9")
+    return value
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -152,12 +170,41 @@ def _weights(text: str) -> dict[str, float]:
 
 def _load_reward(args, model: str, questions):
     from finger_reward.reward import FingerReward
+    from finger_reward.video import SlowFast
 
-    return FingerReward.from_pretrained(
-        model, questions=questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        aggregate=args.aggregate, weights=args.weights, fps=args.fps, max_pixels=args.max_pixels,
-        device=args.device, dtype=args.dtype, on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
+    slowfast = None if args.slowfast is None else SlowFast(threshold=args.slowfast)
+    if slowfast:
+        _log_info_to_stderr("finger_reward.reward")  # its per-video SlowFast token counts
+    options = dict(
+        questions=questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        aggregate=args.aggregate, weights=args.weights, fps=args.fps, max_pixels=args.max_pixels, slowfast=slowfast,
+        on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
     )
+    if getattr(args, "base_url", None):
+        if args.device or args.dtype:
+            raise FingerError("--device and --dtype are for a local model; the server at --base-url chooses its own")
+        return FingerReward.from_openai(args.base_url, model, api_key=args.api_key, top_logprobs=args.top_logprobs,
+                                        concurrency=args.concurrency, **options)
+    return FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring through an OpenAI-compatible server (vLLM, SGLang)")
+    group.add_argument("--base-url", help="the server's URL, e.g. http://gpu-box:8000/v1; --model is then the served model name")
+    group.add_argument("--api-key", help="default: $OPENAI_API_KEY")
+    group.add_argument("--top-logprobs", type=int, default=20, help="K of top_logprobs (default 20, vLLM's default limit)")
+    group.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+
+
+def _log_info_to_stderr(name: str) -> None:
+    log = logging.getLogger(name)
+    for old in [h for h in log.handlers if getattr(h, "finger_cli", False)]:  # an earlier main() call's stderr
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("finger-reward: %(message)s"))
+    handler.finger_cli = True
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _score(args) -> int:
@@ -410,7 +457,8 @@ def format_table(result) -> str:
             lines.append(f"    {dim:<22} {result.dimensions[dim]:.3f}   ({count} questions)")
     for q in result.questions:
         sign = "+" if q.positive else "-"
-        lines.append(f"    [{sign}] {q.answer:<3} P(Yes)={q.p_yes:.3f} score={q.score:.3f}  {q.question}")
+        flag = f"  (no {q.missing_variant.capitalize()} in the server's top tokens)" if q.missing_variant else ""
+        lines.append(f"    [{sign}] {q.answer:<3} P(Yes)={q.p_yes:.3f} score={q.score:.3f}  {q.question}{flag}")
         if q.reason:
             lines.append(f"          reason: {q.reason}")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ class QuestionScore:
     score: float
     answer: str
     reason: str | None = None
+    missing_variant: str | None = None  # "yes"/"no": that set was outside a server's top-K log-probabilities
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def score_video(
     *,
     aggregate: str = "mean",
     weights: dict[str, float] | None = None,
+    missing_variants: list[str | None] | None = None,
 ) -> VideoScore:
     """Apply Eq. 2-4 to a video's [P(Yes), P(No)] rows, with and without probabilities."""
     positive = [q.positive for q in questions]
@@ -100,6 +102,7 @@ def score_video(
             dimension=q.dimension, entity=q.entity, question=q.question, positive=q.positive,
             p_yes=float(p[0]), p_no=float(p[1]), score=float(s),
             answer="Yes" if h[0] > 0 else "No", reason=None if reasons is None else reasons[i],
+            missing_variant=None if missing_variants is None else missing_variants[i],
         )
         for i, (q, p, s, h) in enumerate(zip(questions, probs, soft, scoring.hard_answers(probs)))
     ]

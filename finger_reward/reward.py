@@ -17,7 +17,7 @@ from finger_reward.errors import BatchError, FingerError, QuestionError
 from finger_reward.questions import Question, QuestionBank, TemplateGenerator, as_bank
 from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
-from finger_reward.video import Clip, describe, load_video
+from finger_reward.video import Clip, SlowFast, describe, load_video
 
 if TYPE_CHECKING:
     from finger_reward.serve.batcher import Batcher
@@ -39,6 +39,9 @@ class FingerReward:
     prompt (a GRPO group of G videos with one prompt asks once). Given neither, the offline
     template generator is used; given only a bank, a prompt missing from it is an error.
 
+    Frames are sampled at `fps` (at most `max_frames`) under `max_pixels`; `slowfast=SlowFast()`
+    (`finger_reward.video`) gives Q-Save's SlowFast frames instead, logging the tokens saved.
+
     A video that cannot be scored (unreadable, or its prompt has no questions) never gets a
     silent 0: with `on_error="raise"` (default) every other video is still scored and a
     `BatchError` carries both the failures and the results; with `on_error="nan"` the
@@ -59,6 +62,7 @@ class FingerReward:
         max_frames: int = 48,
         max_pixels: int = 448 * 448,
         value_range: tuple[float, float] = (0.0, 1.0),
+        slowfast: SlowFast | None = None,
         on_error: str = "raise",
         progress: bool = False,
     ):
@@ -72,7 +76,10 @@ class FingerReward:
             question_generator = TemplateGenerator()
         self.question_generator = question_generator
         self.aggregate, self.weights = aggregate, scoring.normalize_weights(weights)
-        self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range)
+        if slowfast is not None and not isinstance(slowfast, SlowFast):
+            raise ValueError(f"slowfast must be a SlowFast(...) or None, got {type(slowfast).__name__}")
+        self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range,
+                                  slowfast=slowfast)
         self.on_error, self.progress = on_error, progress
         self._batcher = None
         self._batcher_lock = threading.Lock()
@@ -114,6 +121,33 @@ class FingerReward:
             raise ValueError("pass processor= together with an already-loaded model")
         else:
             engine = TransformersEngine(model, processor, **engine_options)
+        return cls(engine, questions=questions, question_generator=question_generator, **options)
+
+    @classmethod
+    def from_openai(
+        cls,
+        base_url: str | None,
+        model: str,
+        *,
+        api_key: str | None = None,
+        questions=None,
+        question_generator=None,
+        mode: str = "answer",
+        max_new_tokens: int = 256,
+        top_logprobs: int = 20,
+        concurrency: int = 16,
+        **options,
+    ) -> "FingerReward":
+        """Score through an OpenAI-compatible server (vLLM, SGLang) hosting the FingER model under the name `model`.
+
+        See `engine.openai_backend.OpenAIEngine` for how requests are made and what the server needs;
+        build one yourself for its other options. Other keyword options are those of `FingerReward`.
+        """
+        from finger_reward.engine.openai_backend import OpenAIEngine
+
+        engine = OpenAIEngine(base_url, model, api_key=api_key, mode=mode, max_new_tokens=max_new_tokens,
+                              top_logprobs=top_logprobs, concurrency=concurrency,
+                              progress=bool(options.get("progress", False)))
         return cls(engine, questions=questions, question_generator=question_generator, **options)
 
     def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
@@ -177,6 +211,8 @@ class FingerReward:
                     raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
                 questions = self.bank.questions_for(prompt)
                 clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
+                if clip.pathways:
+                    _log_slowfast(clip, self.engine.patch_factor)
                 jobs.append(Job(name, prompt, questions, clip, _tokens(clip, questions, self.engine.patch_factor)))
             except Exception as err:  # one bad video fails alone; the batch goes on
                 jobs.append(_logged(err, name))
@@ -186,7 +222,8 @@ class FingerReward:
         """The model half: answer and score every prepared job; errors pass through in place.
 
         An engine with `answer_many` gets all the jobs at once to batch across videos; if that
-        fails, each job is retried alone, so one bad video cannot fail the others.
+        fails, each job is retried alone, so one bad video cannot fail the others. An engine may
+        also put a video's exception in that video's place in the list it returns.
         """
         outcomes: list[VideoScore | Exception] = list(jobs)
         ready = [i for i, job in enumerate(jobs) if not isinstance(job, Exception)]
@@ -211,10 +248,13 @@ class FingerReward:
 
     def _score_job(self, job: Job, answers=None) -> VideoScore | Exception:
         try:
+            if isinstance(answers, Exception):
+                raise answers
             if answers is None:
                 answers = self.engine.answer(job.clip, [q.question for q in job.questions])
             return score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
-                               aggregate=self.aggregate, weights=self.weights)
+                               aggregate=self.aggregate, weights=self.weights,
+                               missing_variants=getattr(answers, "missing_variant", None))
         except Exception as err:
             return _logged(err, job.name)
 
@@ -231,9 +271,17 @@ class Job:
 
 
 def _tokens(clip: Clip, questions: list[Question], patch_factor: int) -> int:
-    """Video tokens (one per 2 frames x patch_factor^2 pixels) plus about 48 per question."""
-    t, _, h, w = clip.frames.shape
-    return ((t + 1) // 2) * (h // patch_factor) * (w // patch_factor) + 48 * len(questions)
+    """Video tokens (one per 2 frames x patch_factor^2 pixels; SlowFast: of both pathways, plus about
+    6 per marker timestamp, as Qwen tokenizes digits singly, and 4 per marker) and about 48 per question."""
+    markers = 6 * clip.frames.shape[0] + 4 * len(clip.pathways) if clip.pathways else 0
+    return clip.token_counts(patch_factor)[0] + markers + 48 * len(questions)
+
+
+def _log_slowfast(clip: Clip, patch_factor: int) -> None:
+    given, plain = clip.token_counts(patch_factor)
+    sizes = ", ".join(f"{len(p.indices)} {p.kind} at {p.frames.shape[3]}x{p.frames.shape[2]}" for p in clip.pathways)
+    logger.info("%s: SlowFast %s: %d video tokens instead of %d (%.0f%% fewer)",
+                clip.name, sizes, given, plain, 100 * (1 - given / plain))
 
 
 def _logged(err: Exception, name: str) -> Exception:

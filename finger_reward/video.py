@@ -1,4 +1,4 @@
-"""Video input: decode, sample at a target fps, resize under a pixel budget.
+"""Video input: decode, sample at a target fps, resize under a pixel budget; optionally SlowFast.
 
 Accepted inputs (DESIGN.md, Contracts): a file path, raw bytes of an encoded file, a uint8 or
 float array (T, H, W, C), a uint8 or float tensor (T, C, H, W), or a list of PIL images.
@@ -21,24 +21,95 @@ import torch
 from finger_reward.errors import VideoError
 
 PATCH_FACTOR = 28  # Qwen2.5-VL: patch size 14 x spatial merge 2 (Qwen3-VL: 16 x 2 = 32)
+TEMPORAL_PATCH = 2  # Qwen2.5-VL and Qwen3-VL merge 2 consecutive frames; an odd count gets its last frame repeated
+SLOW, FAST = "slow", "fast"
 VALUE_RANGES = ((0.0, 1.0), (-1.0, 1.0))
 _RANGE_TOL = 1e-3
 
 
 @dataclass(frozen=True)
+class SlowFast:
+    """Q-Save's SlowFast sampling (Sec. 4.2.1): frames that change go in at full resolution, the rest smaller.
+
+    The first sampled frame is slow; a later frame whose `patch_similarity` to the latest slow
+    frame exceeds `threshold` is fast, otherwise it becomes the new slow frame. Slow frames keep
+    the clip's `max_pixels`; fast frames are resized under `fast_max_pixels` (default: a quarter
+    of the slow frames' pixels, half of each side). `patch` is the side in pixels of the patches
+    compared, and a patch counts as unchanged when its mean absolute difference is at most
+    `tolerance` (a fraction of the 0-255 range). The prompt layout is in `prompts.video_blocks`.
+    """
+
+    threshold: float = 0.9
+    fast_max_pixels: int | None = None
+    patch: int = 28
+    tolerance: float = 0.05
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"SlowFast threshold={self.threshold} must be a patch similarity in [0, 1] (paper: 0.9)")
+        if isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 1:
+            raise ValueError(f"SlowFast patch={self.patch!r} must be a positive whole number of pixels")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"SlowFast tolerance={self.tolerance} must be in [0, 1): a fraction of the 0-255 range")
+        if self.fast_max_pixels is not None and (isinstance(self.fast_max_pixels, bool) or self.fast_max_pixels < 1):
+            raise ValueError(
+                f"SlowFast fast_max_pixels={self.fast_max_pixels!r} must be a positive pixel count or None"
+            )
+
+
+@dataclass(frozen=True)
+class Pathway:
+    """One SlowFast pathway: its frames (all one size) and their places among the clip's sampled frames."""
+
+    kind: str  # SLOW or FAST
+    frames: torch.Tensor  # uint8 (T, C, H, W)
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Clip:
-    """Frames ready for the processor: uint8 (T, C, H, W) sampled at `fps` frames per second."""
+    """Frames ready for the processor: uint8 (T, C, H, W) sampled at `fps` frames per second.
+
+    With SlowFast, `pathways` holds the slow and fast frames the model is given instead of
+    `frames`; `frames` keeps every sampled frame at full resolution (the plain sampling).
+    """
 
     frames: torch.Tensor
     fps: float
     name: str
+    pathways: tuple[Pathway, ...] = ()
 
     @property
     def metadata(self) -> dict:
         """transformers' VideoMetadata fields; the frame rate sets mrope's temporal positions."""
-        t = self.frames.shape[0]
-        return {"total_num_frames": t, "fps": self.fps, "frames_indices": list(range(t)),
-                "height": self.frames.shape[2], "width": self.frames.shape[3]}
+        return self._metadata(range(self.frames.shape[0]), self.frames)
+
+    def _metadata(self, indices, frames: torch.Tensor) -> dict:
+        # sampled_fps = len(frames_indices) / total_num_frames * fps: a pathway's mean frame rate
+        return {"total_num_frames": self.frames.shape[0], "fps": self.fps, "frames_indices": list(indices),
+                "height": frames.shape[2], "width": frames.shape[3]}
+
+    @property
+    def videos(self) -> list[tuple[torch.Tensor, dict]]:
+        """(frames, metadata) of each video block the model is given: the clip, or its pathways in order."""
+        if not self.pathways:
+            return [(self.frames, self.metadata)]
+        return [(p.frames, self._metadata(p.indices, p.frames)) for p in self.pathways]
+
+    def timestamps(self, pathway: Pathway) -> list[float]:
+        """Seconds from the start of each of the pathway's frames, on the clock the processor is told."""
+        return [i / self.fps for i in pathway.indices]
+
+    def token_counts(self, patch_factor: int = PATCH_FACTOR) -> tuple[int, int]:
+        """(video tokens the model is given, video tokens of plain sampling: every frame at full resolution)."""
+        given = sum(video_tokens(frames, patch_factor) for frames, _ in self.videos)
+        return given, video_tokens(self.frames, patch_factor)
+
+
+def video_tokens(frames: torch.Tensor, patch_factor: int = PATCH_FACTOR) -> int:
+    """Tokens of one video block: a token per `TEMPORAL_PATCH` frames x `patch_factor`^2 pixels."""
+    t, _, h, w = frames.shape
+    return -(-t // TEMPORAL_PATCH) * (h // patch_factor) * (w // patch_factor)
 
 
 def describe(video: Any, index: int) -> str:
@@ -59,6 +130,7 @@ def load_video(
     value_range: tuple[float, float] = (0.0, 1.0),
     source_fps: float | None = None,
     patch_factor: int = PATCH_FACTOR,
+    slowfast: SlowFast | None = None,
     name: str | None = None,
 ) -> Clip:
     """Turn any accepted video input into a `Clip`, raising `VideoError` naming `name` on bad input.
@@ -79,6 +151,8 @@ def load_video(
         raise ValueError(f"source_fps must be a positive frame rate or None, got {source_fps}")
     if tuple(value_range) not in VALUE_RANGES:
         raise ValueError(f"value_range={value_range!r} must be one of {VALUE_RANGES}")
+    if slowfast is not None:
+        _check_slowfast(slowfast, max_pixels, patch_factor)
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
         reader = _open(video, name)
         indices, sampled_fps = sample_indices(reader.num_frames, reader.fps, fps, max_frames)
@@ -87,7 +161,9 @@ def load_video(
         frames = frames_from_memory(video, name, value_range)
         indices, sampled_fps = sample_indices(frames.shape[0], source_fps or fps, fps, max_frames)
         frames = frames[indices]
-    return Clip(frames=_resize(frames, max_pixels, patch_factor, name), fps=sampled_fps, name=name)
+    full = _resize(frames, max_pixels, patch_factor, name)
+    pathways = () if slowfast is None else slowfast_pathways(frames, full, slowfast, patch_factor, name)
+    return Clip(frames=full, fps=sampled_fps, name=name, pathways=pathways)
 
 
 def sample_indices(num_frames: int, source_fps: float, fps: float, max_frames: int) -> tuple[list[int], float]:
@@ -100,6 +176,67 @@ def sample_indices(num_frames: int, source_fps: float, fps: float, max_frames: i
     n = min(num_frames, max_frames, max(1, round(duration * fps)))
     indices = [min(num_frames - 1, int((k + 0.5) * num_frames / n)) for k in range(n)]
     return indices, n / duration
+
+
+# ---- SlowFast (Q-Save Sec. 4.2.1) ---------------------------------------------------------------
+
+
+def patch_similarity(a: torch.Tensor, b: torch.Tensor, patch: int = 28, tolerance: float = 0.05) -> float:
+    """The fraction of `patch` x `patch` patches (edge patches smaller) left unchanged from frame `a` to `b`.
+
+    A patch is unchanged when its mean absolute difference over pixels and channels is at most
+    `tolerance` x 255, so codec noise does not count and any real local change does.
+    Frames are uint8 (C, H, W) of one size; identical frames give 1.0.
+    """
+    if a.shape != b.shape or a.dim() != 3:
+        raise ValueError(f"frames to compare must be (C, H, W) of one size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if patch < 1:
+        raise ValueError(f"patch={patch} must be at least 1 pixel")
+    diff = (a.float() - b.float()).abs().mean(0, keepdim=True)
+    per_patch = torch.nn.functional.avg_pool2d(diff[None], patch, ceil_mode=True)
+    return (per_patch <= tolerance * 255).sum().item() / per_patch.numel()  # exact: 9 of 10 is 0.9
+
+
+def classify_frames(
+    frames: torch.Tensor, threshold: float = 0.9, patch: int = 28, tolerance: float = 0.05
+) -> list[str]:
+    """SLOW or FAST for each frame of uint8 (T, C, H, W) frames, by Q-Save's rule (see `SlowFast`)."""
+    if frames.dim() != 4 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be (T, C, H, W) with T >= 1, got shape {tuple(frames.shape)}")
+    labels, latest_slow = [SLOW], frames[0]
+    for frame in frames[1:]:
+        if patch_similarity(latest_slow, frame, patch, tolerance) > threshold:
+            labels.append(FAST)
+        else:
+            labels.append(SLOW)
+            latest_slow = frame
+    return labels
+
+
+def _check_slowfast(slowfast: SlowFast, max_pixels: int, patch_factor: int) -> None:
+    if not isinstance(slowfast, SlowFast):
+        raise ValueError(f"slowfast must be a SlowFast(...) or None, got {type(slowfast).__name__}")
+    fast = slowfast.fast_max_pixels
+    if fast is not None and not patch_factor**2 <= fast <= max_pixels:
+        raise ValueError(
+            f"SlowFast fast_max_pixels={fast} must be between one patch ({patch_factor}x{patch_factor}="
+            f"{patch_factor**2}) and max_pixels={max_pixels}: fast frames are the smaller ones"
+        )
+
+
+def slowfast_pathways(
+    frames: torch.Tensor, full: torch.Tensor, slowfast: SlowFast, patch_factor: int, name: str
+) -> tuple[Pathway, ...]:
+    """The slow pathway from `full` (the frames at full resolution) and, if any frame is fast, the
+    fast pathway resized from the original `frames` under the fast pixel budget."""
+    labels = classify_frames(full, slowfast.threshold, slowfast.patch, slowfast.tolerance)
+    slow = tuple(i for i, label in enumerate(labels) if label == SLOW)
+    fast = tuple(i for i, label in enumerate(labels) if label == FAST)
+    pathways = (Pathway(SLOW, full[list(slow)], slow),)
+    if fast:
+        budget = slowfast.fast_max_pixels or max(patch_factor**2, full.shape[2] * full.shape[3] // 4)
+        pathways += (Pathway(FAST, _resize(frames[list(fast)], budget, patch_factor, name), fast),)
+    return pathways
 
 
 def fit_size(height: int, width: int, max_pixels: int, factor: int = PATCH_FACTOR) -> tuple[int, int]:

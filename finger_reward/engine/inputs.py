@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finger_reward.prompts import expand_video
 from finger_reward.video import Clip
 
 
@@ -14,10 +15,15 @@ def patch_factor(processor) -> int:
 def processor_inputs(processor, text: str, clip: Clip):
     """One text with one clip through the processor.
 
-    Frames are already resized by `load_video` (`do_resize=False`), and the clip's real frame rate
-    goes in as `video_metadata`, so mrope's temporal positions follow real time.
+    Frames are already sampled and resized by `load_video` (`do_sample_frames=False`: Qwen3-VL's
+    processor would otherwise resample them at its own fps; `do_resize=False`), and the clip's real
+    frame rate goes in as `video_metadata`, so mrope's temporal positions follow real time. A SlowFast clip
+    is two videos (`prompts.video_blocks`): the text's one video placeholder becomes both, and
+    `video_grid_thw` gets a row per pathway.
     """
+    videos = clip.videos
     return processor(
-        text=[text], videos=[clip.frames], video_metadata=[clip.metadata],
-        do_resize=False, return_tensors="pt",
+        text=[expand_video(text, processor, clip)], videos=[frames for frames, _ in videos],
+        video_metadata=[metadata for _, metadata in videos], do_sample_frames=False, do_resize=False,
+        return_tensors="pt",
     )

@@ -15,6 +15,7 @@ masked, so a video's result does not depend on the other videos in its group.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Answers:
-    """The engine's output for one video: [P(Yes), P(No)] per question, and reasons in reason mode."""
+    """The engine's output for one video: [P(Yes), P(No)] per question, and reasons in reason mode.
+
+    `missing_variant` (engines that see only top-K log-probabilities) holds, per question, "yes"
+    or "no" when that whole token set was absent, else None.
+    """
 
     probs: torch.Tensor  # (Q, 2), float32, on CPU
     reasons: list[str] | None = None
+    missing_variant: list[str | None] | None = None
 
 
 @dataclass
@@ -88,6 +94,9 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.eos_ids |= {self.tokenizer.eos_token_id} - {None}
+        # A reason never holds vision placeholders; a generated one would break the full forward's video count.
+        placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+        self.suppressed = [i for i in placeholders if i is not None]
 
     @classmethod
     def from_pretrained(cls, model_id: str, *, device=None, dtype=None, attn_implementation=None, **kw):
@@ -310,6 +319,7 @@ class TransformersEngine:
         return self._probs(last), reasons
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.index_fill(-1, torch.tensor(self.suppressed, dtype=torch.long, device=logits.device), -math.inf)
         if self.temperature <= 0:
             return logits.argmax(-1)
         return torch.multinomial((logits.float() / self.temperature).softmax(-1), 1)[:, 0]
@@ -339,6 +349,7 @@ class TransformersEngine:
                 out = self.model.generate(
                     **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                     stop_strings=[prompts.REASON_CLOSE, prompts.ANSWER_OPEN], tokenizer=self.tokenizer,
+                    suppress_tokens=self.suppressed or None,
                 )
                 generated = out[0, inputs["input_ids"].shape[1] :].tolist()
                 reasons.append(extract_reason(self.tokenizer.decode(generated, skip_special_tokens=True)))

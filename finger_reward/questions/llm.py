@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import time
 from collections.abc import Callable, Sequence
 
+from finger_reward.chat_http import RetryPolicy, auth_headers, post_json, resolve_endpoint
 from finger_reward.questions.config import QuestionConfig, load_question_config
 from finger_reward.questions.generate import GenerationError, QuestionGenerator, tidy
 from finger_reward.questions.parse import parse_questions
 from finger_reward.questions.record import Question
 
 logger = logging.getLogger(__name__)
-
-_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 def build_messages(prompt: str, config: QuestionConfig) -> list[dict]:
@@ -113,8 +109,7 @@ class OpenAIGenerator:
         fallback: QuestionGenerator | None = None,
     ):
         self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.base_url, self.api_key = resolve_endpoint(base_url, api_key)
         self.config = config or load_question_config()
         self.max_per_dimension = max_per_dimension or self.config.max_per_dimension
         self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
@@ -134,45 +129,19 @@ class OpenAIGenerator:
                                          max_retries=self.max_retries, fallback=self.fallback)
 
     def _request(self, client, messages: list[dict], attempt: int) -> str | Exception:
-        import httpx
-
         # A retry after an unusable reply samples, so it does not get the same reply again.
         temperature = self.temperature if attempt == 0 else max(self.temperature, 0.7)
         body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": self.max_tokens}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        error: Exception = RuntimeError("no request made")
-        for retry in range(self.max_retries + 1):
-            if retry:
-                time.sleep(self._delay(retry, error))
-            try:
-                response = client.post(f"{self.base_url}/chat/completions", json=body, headers=headers)
-            except httpx.HTTPError as err:  # timeouts and connection errors
-                error = err
-                continue
-            if response.status_code in _RETRY_STATUS:
-                error = _HTTPStatus(response)
-                continue
-            if response.status_code >= 400:
-                return _HTTPStatus(response)
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                return ValueError(f"malformed chat-completions response: {response.text[:200]!r}")
-        return error
-
-    def _delay(self, retry: int, error: Exception) -> float:
-        after = getattr(error, "retry_after", None)
-        if after is not None:
-            return after
-        return self.backoff * 2 ** (retry - 1) * (1 + 0.25 * random.random())
-
-
-class _HTTPStatus(RuntimeError):
-    def __init__(self, response):
-        self.status = response.status_code
-        header = response.headers.get("retry-after")
-        self.retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
-        super().__init__(f"HTTP {response.status_code} from {response.request.url}: {response.text[:200]}")
+        policy = RetryPolicy(max_retries=self.max_retries, backoff=self.backoff)
+        try:
+            reply = post_json(client, f"{self.base_url}/chat/completions", body,
+                              headers=auth_headers(self.api_key), policy=policy)
+        except Exception as err:  # HTTP errors after retries; reported per prompt
+            return err
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return ValueError(f"malformed chat-completions response: {str(reply)[:200]!r}")
 
 
 class TransformersGenerator:
