@@ -5,6 +5,10 @@ entity, question, positive) plus `video`, `answer` ("Yes"/"No") and `reason`. SF
 evaluator to write, after the engine's own prompt (`prompts.split_prompt`), either the answer
 alone (mode "answer") or `<reason>...</reason><answer>...</answer>` (mode "reason").
 
+A rating line (Q-Save Sec. 3.4.2, 4.2.3) also carries a numeric `mos`; its answer is then one of
+the five levels Bad, Poor, Fair, Good, Excellent (`rating_level` maps a MOS to its level), and
+the collator can mark where that level token sits for the CE + MSE rating loss of trainers/sft.py.
+
 The collator renders exactly the chat the engine scores with and calls the processor exactly as
 the engine does (`engine.inputs.processor_inputs`), on frames sampled by the same `load_video`, so what the
 model is trained on is what it is asked at inference.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ from finger_reward import prompts
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.errors import FingerError
 from finger_reward.questions.record import Question
+from finger_reward.scoring import RATING_LEVELS
 from finger_reward.video import Clip, load_video
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ class InstructError(FingerError):
 class InstructRecord:
     """One training example: a question about a video, its answer and the reason for it.
 
+    `mos` (optional): the human mean opinion score of a rating question (Q-Save); with it the
+    answer is a rating level (Bad..Excellent) instead of Yes/No.
     `source` ("file, line N") only says where the record came from, for error messages.
     """
 
@@ -54,14 +62,21 @@ class InstructRecord:
     video: str
     answer: str
     reason: str = ""
+    mos: float | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self):
         self.as_question()  # validates the question fields (QuestionError names the field)
         if not isinstance(self.video, str) or not self.video.strip():
             raise InstructError(f"field 'video' must be a non-empty path, got {self.video!r}")
-        if self.answer not in ANSWERS:
+        if self.mos is None and self.answer not in ANSWERS:
             raise InstructError(f"field 'answer' must be 'Yes' or 'No', got {self.answer!r}")
+        if self.mos is not None:
+            if isinstance(self.mos, bool) or not isinstance(self.mos, (int, float)) or not math.isfinite(self.mos):
+                raise InstructError(f"field 'mos' must be a finite number, got {self.mos!r}")
+            if self.answer not in RATING_LEVELS:
+                raise InstructError(f"a record with 'mos' answers with a rating level ({', '.join(RATING_LEVELS)}), "
+                                    f"got {self.answer!r}; `rating_level(mos)` gives the level of a MOS")
         if not isinstance(self.reason, str):
             raise InstructError(f"field 'reason' must be a string, got {type(self.reason).__name__}")
         tags = [tag for tag in _TAGS if tag in self.reason]
@@ -80,15 +95,35 @@ class InstructRecord:
         missing = [key for key in ("video", "answer") if key not in row]
         if missing:
             raise InstructError(f"missing field(s) {', '.join(missing)}")
-        answer = row["answer"]
+        answer, mos = row["answer"], row.get("mos")
         if isinstance(answer, str):
-            answer = next((a for a in ANSWERS if a.lower() == answer.strip().lower()), answer)
+            allowed = ANSWERS if mos is None else RATING_LEVELS
+            answer = next((a for a in allowed if a.lower() == answer.strip().lower()), answer)
         reason = row.get("reason")
-        return cls(**question.to_dict(), video=row["video"], answer=answer,
-                   reason="" if reason is None else reason, source=source or row.get("source", ""))
+        return cls(**question.to_dict(), video=row["video"], answer=answer, reason="" if reason is None else reason,
+                   mos=mos, source=source or row.get("source", ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rating_level(mos: float, low: float = 1.0, high: float = 5.0) -> str:
+    """Q-Save Sec. 3.4.2: the level r_i with low + (i-1)/5 (high-low) < mos <= low + i/5 (high-low).
+
+    `low`/`high` bound the MOS scale (Q-Save: 1 and 5); `mos == low` reads as Bad."""
+    if not low < high:
+        raise ValueError(f"need low < high, got low={low}, high={high}")
+    if not low <= mos <= high:
+        raise ValueError(f"mos={mos} is outside the scale [{low}, {high}]")
+    n = len(RATING_LEVELS)
+    return next(level for i, level in enumerate(RATING_LEVELS, start=1) if mos <= low + i * (high - low) / n or i == n)
+
+
+def normalised_mos(mos: float, low: float = 1.0, high: float = 5.0) -> float:
+    """A MOS on [low, high] moved to [0, 1], the scale of the rating expectation r_hat (Q-Save Sec. 4.2.2)."""
+    if not low <= mos <= high:
+        raise ValueError(f"mos={mos} is outside the scale [{low}, {high}]; set the MOS range to the data's")
+    return (mos - low) / (high - low)
 
 
 def load_instruct(path: str | Path, *, mode: str | None = None, video_root: str | Path | None = None) -> list[InstructRecord]:
@@ -147,9 +182,6 @@ def completion_text(record: InstructRecord, mode: str) -> str:
             f"{prompts.ANSWER_OPEN}{record.answer}{prompts.ANSWER_CLOSE}")
 
 
-# ---- the processor call shared with the engine --------------------------------------------------
-
-
 # ---- the collator -------------------------------------------------------------------------------
 
 
@@ -160,10 +192,15 @@ class VideoSFTCollator:
     assistant header), then the completion and the chat template's end-of-turn token. Labels are
     -100 on the prompt and on padding. Video tensors (`pixel_values_videos`, `video_grid_thw`,
     `second_per_grid_ts`, ...) are the processor's, concatenated over the batch.
+
+    With `mos_range=(low, high)` the batch also holds, for the Q-Save rating loss,
+    `rating_positions` (index in input_ids of each row's rating-level token, -1 for a record
+    without `mos`) and `rating_targets` (the MOS moved to [0, 1], NaN without `mos`);
+    `rating_ids` are the level tokens in `RATING_LEVELS` order (Bad..Excellent).
     """
 
     def __init__(self, processor, mode: str = "answer", *, fps: float = 2.0, max_frames: int = 48,
-                 max_pixels: int = 448 * 448):
+                 max_pixels: int = 448 * 448, mos_range: tuple[float, float] | None = None):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.mode = prompts.check_mode(mode)
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels,
@@ -172,6 +209,10 @@ class VideoSFTCollator:
         self.end_of_turn = _end_of_turn(processor, mode)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.mos_range = None if mos_range is None else tuple(float(v) for v in mos_range)
+        if self.mos_range is not None and not self.mos_range[0] < self.mos_range[1]:
+            raise ValueError(f"mos_range must be (low, high) with low < high, got {mos_range}")
+        self.rating_ids = rating_token_ids(self.tokenizer) if self.mos_range is not None else None
 
     def prompt_text(self, record: InstructRecord) -> str:
         """The engine's prompt for this question (`split.prefix + question + split.suffix`)."""
@@ -201,7 +242,23 @@ class VideoSFTCollator:
         if "mm_token_type_ids" in inputs:
             row["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][0], torch.zeros_like(completion)])
         row["video"] = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if self.mos_range is not None:
+            has_mos = record.mos is not None
+            row["rating_position"] = len(prompt) + self._rating_offset(record, completion.tolist()) if has_mos else -1
+            row["rating_target"] = normalised_mos(record.mos, *self.mos_range) if has_mos else math.nan
         return row
+
+    def _rating_offset(self, record: InstructRecord, completion: list[int]) -> int:
+        """Index in the completion tokens of the rating level: the first token of the answer (answer
+        mode) or the one right after `<answer>` (reason mode); it must be the level's single token."""
+        text = completion_text(record, self.mode)
+        start = 0 if self.mode == "answer" else text.index(prompts.ANSWER_OPEN) + len(prompts.ANSWER_OPEN)
+        before = self.tokenizer.encode(text[:start], add_special_tokens=False) if start else []
+        level = self.rating_ids[RATING_LEVELS.index(record.answer)]
+        if completion[: len(before)] != before or len(completion) <= len(before) or completion[len(before)] != level:
+            raise InstructError(f"{record.source or 'record'}: the rating {record.answer!r} is not one token at the "
+                                "answer position of the completion, so its probability cannot be read there")
+        return len(before)
 
     def _pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
@@ -212,7 +269,21 @@ class VideoSFTCollator:
                                           for r in rows])
         for key in rows[0]["video"]:
             batch[key] = torch.cat([r["video"][key] for r in rows])
+        if self.mos_range is not None:
+            batch["rating_positions"] = torch.tensor([r["rating_position"] for r in rows], dtype=torch.long)
+            batch["rating_targets"] = torch.tensor([r["rating_target"] for r in rows], dtype=torch.float32)
         return batch
+
+
+def rating_token_ids(tokenizer) -> list[int]:
+    """The single-token ids of the five rating levels, Bad..Excellent (`scoring.RATING_LEVELS` order),
+    as written in a completion (no leading space); an error when a level is not one token."""
+    ids = [tokenizer.encode(level, add_special_tokens=False) for level in RATING_LEVELS]
+    split = [level for level, encoded in zip(RATING_LEVELS, ids) if len(encoded) != 1]
+    if split:
+        raise ValueError(f"the tokenizer splits the rating level(s) {', '.join(split)} into several tokens; "
+                         "the rating loss reads one token per level (Q-Save Sec. 4.2.2)")
+    return [encoded[0] for encoded in ids]
 
 
 def _record(row: Any, index: int) -> InstructRecord:

@@ -53,6 +53,7 @@ _WORDS = (
 
 def _corpus() -> list[str]:
     from finger_reward.prompts import SYSTEM_PROMPTS
+    from finger_reward.scoring import RATING_LEVELS
 
     answers = [f"{a}" for a in ("Yes", "yes", "YES", "No", "no", "NO")]
     lines = list(SYSTEM_PROMPTS.values())
@@ -60,6 +61,8 @@ def _corpus() -> list[str]:
     # Frequent enough that BPE gives every answer spelling (bare and with a space) one token.
     lines += [f"{a} {b}." for a, b in itertools.product(answers, answers)] * 40
     lines += [f"<reason>{' '.join(_WORDS[:9])}</reason><answer>{a}</answer>" for a in answers] * 20
+    # Q-Save's five rating levels, one token each, so the rating loss can read them.
+    lines += [f"<reason>{' '.join(_WORDS[:9])}</reason><answer>{level}</answer>" for level in RATING_LEVELS] * 20
     return lines
 
 

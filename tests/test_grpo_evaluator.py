@@ -171,3 +171,149 @@ def test_main_runs_a_config_from_the_command_line(tiny_model_dir, world, tmp_pat
                     "--max_frames", "4", "--bf16", "false", "--forward_batch_size", "1"])
     assert trainer.global_step == 1 and trainer.recipe.beta == 0.04 and trainer.recipe.gradient_checkpointing
     assert (out / "log.jsonl").is_file() and (out / "config.json").is_file()
+
+
+# ---- checkpoints and resume --------------------------------------------------------------------
+
+
+def _trainer(model_dir, world, records, out, **overrides):
+    options = {"max_steps": 3, "save_steps": 1, "max_completion_length": 8, **overrides}
+    recipe = _recipe(model_dir, world.instruct_path, out, **options)
+    return VideoGRPOTrainer(recipe, records=records, reward_funcs=[accuracy_reward, format_reward, _lengths])
+
+
+def _assert_same_weights(a, b):
+    for name, value in _weights(a).items():
+        torch.testing.assert_close(value, _weights(b)[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_from_a_checkpoint_equals_training_straight_through(tiny_model_dir, world, records, tmp_path):
+    """3 steps straight == 1 step, a kill (the run wrote on to step 3), and a resume from checkpoint-1 to step 3."""
+    import shutil
+
+    straight = _trainer(tiny_model_dir, world, records, tmp_path / "straight").train()
+    checkpoint = tmp_path / "straight" / "checkpoint-1"
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json", "grpo_state.json", "processor_config.json", "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
+    assert not (tmp_path / "straight" / "checkpoint-3").exists()  # the final model goes to output_dir itself
+    # The killed run's folder holds everything the straight run wrote, steps 2 and 3 included.
+    shutil.copytree(tmp_path / "straight", tmp_path / "killed")
+    resumed = _trainer(tiny_model_dir, world, records, tmp_path / "killed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-1"))
+    assert resumed.global_step == 3
+    _assert_same_weights(resumed.model, straight.model)
+    assert [row["step"] for row in resumed.log_history] == [1, 2, 3]
+    assert [row["loss"] for row in resumed.log_history] == pytest.approx([row["loss"] for row in straight.log_history], abs=1e-6)
+    assert resumed.log_history[2]["loss"] != 0  # the steps after the checkpoint trained
+    # Same sampled completions (the RNG state came back) and the files read as one uninterrupted run.
+    for name in ("log.jsonl", "completions.jsonl"):
+        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    assert [row["completion"] for row in resumed.completions] == [row["completion"] for row in straight.completions[3:]]
+
+    # True means the newest checkpoint in output_dir (checkpoint-2 here): one more step to 3.
+    shutil.copytree(tmp_path / "straight", tmp_path / "latest")
+    latest = _trainer(tiny_model_dir, world, records, tmp_path / "latest").train(resume_from_checkpoint=True)
+    assert len(latest.completions) == 3 and latest.global_step == 3
+    _assert_same_weights(latest.model, straight.model)
+
+
+def test_lora_resume_restores_the_adapters(tiny_model_dir, world, records, tmp_path):
+    options = dict(lora=True, max_steps=2)
+    straight = _trainer(tiny_model_dir, world, records, tmp_path / "straight", **options).train()
+    assert (tmp_path / "straight" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    resumed = _trainer(tiny_model_dir, world, records, tmp_path / "resumed", **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
+    _assert_same_weights(resumed.model, straight.model)
+    # Resumed into a new output_dir: its log starts with the restored history.
+    assert [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_errors_name_the_problem(tiny_model_dir, world, records, tmp_path):
+    trainer = _trainer(tiny_model_dir, world, records, tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no checkpoint-"):
+        trainer.train(resume_from_checkpoint="last")
+    (tmp_path / "empty" / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(ValueError, match="missing optimizer.pt"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_recipe_resume_and_num_iterations_save_between_generation_batches(tiny_model_dir, world, tmp_path):
+    """With mu = 2 a checkpoint lands after the batch whose steps cross save_steps; `train(recipe)` resumes from the recipe."""
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "out", num_iterations=2, max_steps=4, save_steps=1,
+                     num_generations=2, max_completion_length=6)
+    first = train(recipe)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+    again = train(GRPORecipe(**{**recipe.__dict__, "resume_from_checkpoint": "last"}))
+    assert [row["step"] for row in again.log_history] == [1, 2, 3, 4]
+    assert [row["loss"] for row in again.log_history] == pytest.approx([row["loss"] for row in first.log_history], abs=1e-6)
+
+
+# ---- SFT cool-off data ---------------------------------------------------------------------------
+
+
+def test_cooloff_keeps_exactly_the_correct_rollouts(tiny_model_dir, world, records, tmp_path):
+    """Rollout lines of a real trainer, some with their completion replaced by a correct, wrong or badly formatted one."""
+    from finger_reward.instruct import InstructRecord
+    from finger_reward.trainers.cooloff import main as cooloff_main, write_cooloff
+
+    trainer = VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path, num_generations=2), records=records)
+    yes, no = next(r for r in records if r.answer == "Yes"), next(r for r in records if r.answer == "No")
+    rows = trainer.rollout(yes)["log"] + trainer.rollout(no)["log"]  # a random model: all wrong
+    assert {k: rows[0][k] for k in ("prompt", "dimension", "entity", "question", "positive", "answer")} == {
+        k: v for k, v in yes.to_dict().items() if k in ("prompt", "dimension", "entity", "question", "positive", "answer")}
+    flipped = {"Yes": "No", "No": "Yes"}
+    edits = [
+        (yes, f"<reason>the red ball stays sharp</reason><answer>{yes.answer}</answer>", True),
+        (no, f" <reason>{no.reason}</reason>\n<answer>{no.answer.lower()}</answer> ", True),
+        (yes, f"<reason>{yes.reason}</reason><answer>{flipped[yes.answer]}</answer>", False),  # wrong answer
+        (no, f"<reason>yes, it is clean</reason><answer>{no.answer}</answer>", False),  # Yes/No outside the answer
+        (yes, f"{yes.answer}", False),  # no tags
+    ]
+    source = rows[0] if rows[0]["question"] == yes.question else rows[-1]
+    other = rows[-1] if source is rows[0] else rows[0]
+    rows += [{**(source if record is yes else other), "completion": text, "accuracy_reward": 0.0} for record, text, _ in edits]
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 9, "compl')  # a kill mid-line
+    out = write_cooloff(path, tmp_path / "cooloff.jsonl")
+    written = load_instruct(out, mode="reason")
+    expected = [(record, text) for record, text, good in edits if good]
+    assert len(written) == len(expected)
+    for got, (record, text) in zip(written, expected):
+        assert got == InstructRecord(**{**record.to_dict(), "reason": text.split("<reason>")[1].split("</reason>")[0].strip()})
+        assert format_reward([completion_text(got, "reason")]) == [1.0]
+    # The CLI on the output_dir, and an older file without question fields looked up in the training data.
+    (tmp_path / "old").mkdir()
+    keep = ("step", "question", "video", "answer", "completion")
+    (tmp_path / "old" / "completions.jsonl").write_text("".join(json.dumps({k: row[k] for k in keep}) + "\n" for row in rows))
+    with pytest.raises(Exception, match="lacks the question fields"):
+        cooloff_main([str(tmp_path / "old"), "--out", str(tmp_path / "x.jsonl")])
+    cli = cooloff_main([str(tmp_path / "old"), "--out", str(tmp_path / "cli.jsonl"), "--data", str(world.instruct_path)])
+    assert load_instruct(cli, mode="reason") == written
+
+
+# ---- evaluation after training -------------------------------------------------------------------
+
+
+def test_eval_data_measures_accuracy_after_training(tiny_model_dir, world, tmp_path):
+    from finger_reward.evaluation.heldout import evaluate_instruct
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(world.instruct_path.read_text().splitlines()[:12:10]) + "\n")  # one clip, 2 questions
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "out", eval_data=str(heldout), max_steps=1,
+                     num_generations=2, max_completion_length=8)
+    trainer = train(recipe)
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["mode"] == "reason" and result["dimensions"]["overall"]["questions"] == 2
+    direct = evaluate_instruct(trainer.model, heldout, processor=trainer.processor, mode="reason", max_new_tokens=8,
+                               max_frames=4, progress=False)
+    assert result["dimensions"] == direct["dimensions"]
+    last = trainer.log_history[-1]
+    assert last["step"] == 1 and last["eval_acc/overall"] == result["dimensions"]["overall"]["acc"]
+    assert 0 <= last["eval_acc_prob/overall"] <= 1
+    assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1]) == last
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**json.loads(heldout.read_text().splitlines()[0]), "answer": "Maybe"}) + "\n")
+    with pytest.raises(Exception, match=r"bad.jsonl, line 1.*'Yes' or 'No'"):  # fails before training, naming the line
+        VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path, eval_data=str(bad)))

@@ -274,3 +274,170 @@ def test_freeze_vision_leaves_only_the_language_side_trainable(tiny_model_dir, w
     params = dict(trainer.model.named_parameters())
     assert not any(p.requires_grad for n, p in params.items() if ".visual." in n)
     assert all(p.requires_grad for n, p in params.items() if "language_model" in n)
+
+
+# ---- Q-Save rating loss (CE + MSE on the rating expectation) -------------------------------------
+
+RATING_QUESTION = "How would you rate the visual quality of this video? Choose Bad, Poor, Fair, Good or Excellent."
+LEVEL_VALUES = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])  # Q-Save Sec. 4.2.2, Bad..Excellent
+
+
+@pytest.fixture(scope="module")
+def rating_path(world, records, tmp_path_factory):
+    """Rating lines (with 'mos') about the world's clips, and one plain Yes/No line."""
+    from finger_reward.instruct import rating_level
+
+    videos = list(dict.fromkeys(r.video for r in records))
+    lines = []
+    for video, mos in zip(videos, (1.3, 4.6, 3.0, 2.2)):
+        base = next(r for r in records if r.video == video).to_dict()
+        lines.append({**base, "question": RATING_QUESTION, "dimension": "visual_quality", "answer": rating_level(mos),
+                      "mos": mos, "reason": "the shape stays sharp and the colours stay clean"})
+    lines.append(records[0].to_dict())
+    path = tmp_path_factory.mktemp("rating") / "rating.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "source"}) + "\n" for line in lines))
+    return path
+
+
+def test_rating_records_and_levels(rating_path, records):
+    from finger_reward.instruct import normalised_mos, rating_level
+
+    # Q-Save Sec. 3.4.2 on 1..5: (1, 1.8] Bad, (1.8, 2.6] Poor, ... (4.2, 5] Excellent; the lowest score reads Bad.
+    assert [rating_level(m) for m in (1, 1.8, 1.81, 2.6, 3.4, 3.41, 4.2, 5)] == \
+        ["Bad", "Bad", "Poor", "Poor", "Fair", "Good", "Good", "Excellent"]
+    assert rating_level(70, low=0, high=100) == "Good" and normalised_mos(4.0) == 0.75
+    with pytest.raises(ValueError, match="outside the scale"):
+        normalised_mos(6.0)
+    loaded = load_instruct(rating_path, mode="reason")
+    assert [r.mos for r in loaded] == [1.3, 4.6, 3.0, 2.2, None] and [r.answer for r in loaded[:4]] == ["Bad", "Excellent", "Fair", "Poor"]
+    row = {k: v for k, v in records[0].to_dict().items() if k != "source"}
+    for bad, message in (({"mos": 3.0}, "answers with a rating level"), ({"answer": "Good"}, "'Yes' or 'No'"),
+                         ({"mos": "high", "answer": "Good"}, "'mos' must be a finite number")):
+        with pytest.raises(InstructError, match=message):
+            InstructRecord.from_dict({**row, **bad})
+    assert InstructRecord.from_dict({**row, "mos": 4, "answer": " good"}).answer == "Good"
+
+
+@pytest.mark.parametrize("mode", ["answer", "reason"])
+def test_collator_marks_the_rating_token(processor, rating_path, mode):
+    from finger_reward.instruct import rating_token_ids
+    from finger_reward.scoring import RATING_LEVELS
+
+    loaded = load_instruct(rating_path, mode=mode)
+    collator = VideoSFTCollator(processor, mode, mos_range=(1, 5))
+    ids = rating_token_ids(processor.tokenizer)
+    assert collator.rating_ids == ids and len(set(ids)) == 5  # one token per level in the tiny tokenizer
+    batch = collator([loaded[0], loaded[4], loaded[1]])
+    positions = batch["rating_positions"].tolist()
+    assert positions[1] == -1 and math.isnan(batch["rating_targets"][1])
+    assert batch["rating_targets"][[0, 2]].tolist() == pytest.approx([0.075, 0.9])
+    for row, record in ((0, loaded[0]), (2, loaded[1])):
+        assert batch["input_ids"][row, positions[row]] == ids[RATING_LEVELS.index(record.answer)]
+        assert batch["labels"][row, positions[row]] == batch["input_ids"][row, positions[row]]
+        # It is the first token of the answer: everything before it in the completion is the reason part.
+        before = batch["labels"][row][(batch["labels"][row] != -100)].tolist()
+        first = (batch["labels"][row] != -100).nonzero()[0].item()
+        prefix = processor.tokenizer.decode(before[: positions[row] - first])
+        assert prefix == ("" if mode == "answer" else f"<reason>{record.reason}</reason><answer>")
+    assert "rating_positions" not in VideoSFTCollator(processor, mode)([loaded[0]])  # off by default
+
+
+def test_rating_token_ids_need_single_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from finger_reward.instruct import rating_token_ids
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["Good"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    with pytest.raises(ValueError, match=r"splits the rating level\(s\) Bad, Poor, Fair, Excellent into"):
+        rating_token_ids(PreTrainedTokenizerFast(tokenizer_object=bpe))
+
+
+def _by_hand(model, tokenizer, batch):
+    """CE from the model's own forward (full logits), and mean (r_hat - target)^2 written out (Q-Save Sec. 4.2.2-4.2.3)."""
+    from finger_reward.instruct import rating_token_ids
+
+    plain = {k: v for k, v in batch.items() if not k.startswith("rating")}
+    out = model(**plain)
+    rows = (batch["rating_positions"] >= 0).nonzero().squeeze(-1)
+    logits = out.logits[rows, batch["rating_positions"][rows] - 1]  # these logits predict the rating token
+    probs = torch.softmax(logits[:, rating_token_ids(tokenizer)], dim=-1)
+    r_hat = (probs * LEVEL_VALUES).sum(-1)
+    return out.loss, ((r_hat - batch["rating_targets"][rows]) ** 2).mean()
+
+
+@pytest.mark.parametrize("mode", ["answer", "reason"])
+def test_rating_loss_is_ce_plus_weighted_mse(tiny_model_dir, rating_path, processor, tmp_path, mode):
+    weighted = build_trainer(_recipe(tiny_model_dir, rating_path, tmp_path, mode=mode, rating_loss_weight=2.5))
+    model = weighted.model.eval()
+    batch = weighted.data_collator([weighted.train_dataset[i] for i in (0, 4, 1)])  # two ratings and a Yes/No row
+    with torch.no_grad():
+        ce, mse = _by_hand(model, processor.tokenizer, batch)
+        loss = weighted.compute_loss(model, dict(batch))
+    assert mse > 1e-3
+    torch.testing.assert_close(loss, ce + 2.5 * mse, rtol=1e-5, atol=1e-6)
+    assert weighted._metrics["eval"]["rating_mse"][-1] == pytest.approx(mse.item(), rel=1e-5)
+
+    # Gradients: the MSE term reaches the LM head only through the five level tokens' rows.
+    model.zero_grad()
+    (weighted.compute_loss(model, dict(batch)) - _by_hand(model, processor.tokenizer, batch)[0]).backward()
+    grad = model.get_output_embeddings().weight.grad
+    levels = weighted.rating_ids
+    assert grad[levels].abs().sum() > 0
+    others = torch.ones(len(grad), dtype=torch.bool)
+    others[levels] = False
+    assert grad[others].abs().max() < 1e-6
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.language_model.parameters())
+
+    # Weight 0 is plain SFT: no rating fields in the batch, the loss is the model's own CE.
+    plain = build_trainer(_recipe(tiny_model_dir, rating_path, tmp_path, mode=mode))
+    plain_batch = plain.data_collator([plain.train_dataset[i] for i in (0, 4, 1)])
+    assert "rating_positions" not in plain_batch
+    with torch.no_grad():
+        torch.testing.assert_close(plain.compute_loss(plain.model.eval(), dict(plain_batch)), ce, rtol=1e-5, atol=1e-6)
+
+
+def test_rating_loss_needs_mos_records(tiny_model_dir, world, tmp_path):
+    with pytest.raises(ValueError, match="no record of .* has a 'mos'"):
+        build_trainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path, rating_loss_weight=1.0))
+    with pytest.raises(ValueError, match="mos_min < mos_max"):
+        SFTRecipe(model="m", data="d", mos_min=5, mos_max=1)
+
+
+@pytest.mark.slow
+def test_rating_sft_step_logs_the_mse(tiny_model_dir, rating_path, tmp_path):
+    trainer = train(_recipe(tiny_model_dir, rating_path, tmp_path / "out", mode="reason", rating_loss_weight=1.0,
+                            eval_data=str(rating_path)))
+    logged = [entry for entry in trainer.state.log_history if "rating_mse" in entry]
+    assert logged and 0 <= logged[0]["rating_mse"] <= 1
+    assert not (tmp_path / "out" / "eval.json").exists()  # rating records have no Yes/No accuracy
+
+
+# ---- accuracy after training, cool-off config ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_data_writes_answer_accuracy(tiny_model_dir, world, tmp_path):
+    from finger_reward.evaluation.heldout import evaluate_instruct
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(world.instruct_path.read_text().splitlines()[1::6]) + "\n")
+    trainer = train(_recipe(tiny_model_dir, world.instruct_path, tmp_path / "out", eval_data=str(heldout), max_frames=4))
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["mode"] == "answer" and result["dimensions"]["overall"]["questions"] == 10
+    direct = evaluate_instruct(trainer.model, heldout, processor=trainer.processing_class, max_frames=4, progress=False)
+    assert result["dimensions"] == direct["dimensions"]
+    logged = trainer.state.log_history[-1]
+    assert {f"eval_acc/{d}" for d in result["dimensions"]} <= set(logged)
+    assert logged["eval_acc_prob/overall"] == result["dimensions"]["overall"]["acc_prob"]
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)  # the eval loss still runs
+
+
+def test_cooloff_config_loads():
+    (recipe,) = TrlParser([SFTRecipe]).parse_args_and_config(["--config", str(CONFIGS / "sft_cooloff.yaml")])
+    assert recipe.mode == "reason" and recipe.model == "out/grpo_coldstart"
+    assert recipe.data == "out/grpo_coldstart/cooloff.jsonl" and recipe.learning_rate == 5e-6
+    assert recipe.rating_loss_weight == 0 and recipe.fps == 2 and recipe.max_pixels == 448 * 448

@@ -36,11 +36,19 @@ Launch (one process; the loop does not shard over GPUs):
         --model out/sft_reason --data train.jsonl --output_dir out/grpo_coldstart
 
 Every key of the YAML is a field of `GRPORecipe`; command-line flags override it. Metrics go to
-`output_dir/log.jsonl` (one line per logging step), the sampled completions with their rewards to
-`output_dir/completions.jsonl`, checkpoints to `output_dir/checkpoint-N`, the final model to
-`output_dir`. Cost: each step runs generation, one no-grad forward for pi_old (so the loss value is
-the true surrogate, and mu > 1 reuses it), one for pi_ref (beta > 0) and one with gradients, over
-G rows that each carry the video; `forward_batch_size` bounds the rows per forward.
+`output_dir/log.jsonl` (one line per logging step), the sampled completions with their rewards and
+question fields to `output_dir/completions.jsonl` (the input of the SFT cool-off,
+`finger_reward.trainers.cooloff`), checkpoints to `output_dir/checkpoint-N`, the final model to
+`output_dir`. A checkpoint follows the HF Trainer layout (model and processor, optimizer.pt,
+scheduler.pt, rng_state.pth, trainer_state.json) plus grpo_state.json (the data order and the
+metrics awaiting the next log), so `--resume_from_checkpoint last` (or a checkpoint directory)
+continues exactly where the run stopped. With `--eval_data val.jsonl` the answer accuracy w/ and
+w/o prob (`finger_reward.evaluation.heldout`, reason mode) is measured after training and goes to
+`output_dir/eval.json` and the log.
+
+Cost: each step runs generation, one no-grad forward for pi_old (so the loss value is the true
+surrogate, and mu > 1 reuses it), one for pi_ref (beta > 0) and one with gradients, over G rows
+that each carry the video; `forward_batch_size` bounds the rows per forward.
 """
 
 from __future__ import annotations
@@ -49,7 +57,9 @@ import copy
 import json
 import logging
 import math
+import os
 import random
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -57,8 +67,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, TrlParser
 
 from finger_reward.engine.inputs import processor_inputs
@@ -71,6 +83,10 @@ LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 DTYPES = ("float32", "bfloat16", "float16")
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 MODE = "reason"  # GRPO trains the reasoning format; the prompt is the engine's reason-mode prompt
+# HF Trainer's checkpoint file names, plus the loop's own position.
+OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME = "optimizer.pt", "scheduler.pt", "rng_state.pth"
+TRAINER_STATE_NAME, LOOP_STATE_NAME = "trainer_state.json", "grpo_state.json"
+LATEST = ("last", "latest", "true")
 
 
 @dataclass
@@ -115,8 +131,12 @@ class GRPORecipe:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     seed: int = field(default=42, metadata={"help": "seed for data order, sampling and LoRA init"})
     logging_steps: int = field(default=10, metadata={"help": "write averaged metrics every N optimizer steps"})
-    save_steps: int = field(default=500, metadata={"help": "save a checkpoint every N optimizer steps"})
+    save_steps: int = field(default=500, metadata={"help": "save a checkpoint every N optimizer steps (with num_iterations > 1, at the end "
+                                                           "of the generation batch in which such a step falls)"})
     report_to: str = field(default="none", metadata={"help": "kept in GRPOConfig; metrics always go to output_dir/log.jsonl"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint directory, or 'last' for the newest in output_dir"})
+    eval_data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL: answer accuracy (w/ and w/o prob, reason mode) after "
+                                                                  "training, to output_dir/eval.json and the log (optional)"})
 
     def __post_init__(self):
         if self.model is None or self.data is None:
@@ -243,7 +263,12 @@ class VideoGRPOTrainer:
         self.global_step = 0
         self.log_history: list[dict] = []
         self.completions: list[dict] = []  # every sampled completion with its rewards (also in completions.jsonl)
-        self._order: list[int] = []
+        self._order: list[int] = []  # record indices still to visit in this pass, popped from the end
+        self._pending: dict[str, list[float]] = defaultdict(list)  # metrics since the last log
+        if recipe.eval_data:  # fail now, not after training, on a bad held-out file
+            from finger_reward.evaluation.loaders import load_finger_test
+
+            load_finger_test(recipe.eval_data)
 
     # ---- reference policy -------------------------------------------------------------------------
 
@@ -337,9 +362,11 @@ class VideoGRPOTrainer:
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(values))
             metrics[f"rewards/{name}/std"] = float(values[~values.isnan()].std()) if (~values.isnan()).sum() > 1 else 0.0
         batch["metrics"] = metrics
+        # The question fields ride along so that correct rollouts become FingER-Instruct lines (SFT cool-off).
+        question = {**record.as_question().to_dict(), "video": os.path.abspath(record.video), "answer": record.answer}
         batch["log"] = [
-            {"step": self.global_step, "question": record.question, "video": record.video, "answer": record.answer,
-             "completion": text, **{name: float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
+            {"step": self.global_step, **question, "completion": text,
+             **{name: float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
              "advantage": float(advantages[i]), **{k: v[i] for k, v in extra.items()}}
             for i, text in enumerate(texts)
         ]
@@ -412,11 +439,16 @@ class VideoGRPOTrainer:
             random.Random(self.recipe.seed + self.global_step).shuffle(self._order)
         return self.records[self._order.pop()]
 
-    def train(self):
+    def train(self, resume_from_checkpoint: str | bool | None = None):
+        """Run to max_steps; `resume_from_checkpoint` (a checkpoint-N directory, or True / "last" for the
+        newest in output_dir) first restores everything the checkpoint holds. Then, with
+        `recipe.eval_data`, measure the answer accuracy (`evaluate`)."""
         recipe, args = self.recipe, self.args
         out = Path(recipe.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        pending: dict[str, list[float]] = defaultdict(list)
+        if resume_from_checkpoint not in (None, False):
+            self.resume(resume_from_checkpoint)
+        pending = self._pending
         self.model.train()
         while self.global_step < args.max_steps:
             groups = [self.rollout(self._next_record())
@@ -425,6 +457,7 @@ class VideoGRPOTrainer:
                 for g in groups:
                     self.completions.extend(g["log"])
                     f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in g["log"])
+            start = self.global_step
             for _ in range(args.num_iterations):
                 if self.global_step >= args.max_steps:
                     break
@@ -437,9 +470,13 @@ class VideoGRPOTrainer:
                 if self.global_step % args.logging_steps == 0 or self.global_step == args.max_steps:
                     self.log({k: sum(v) / len(v) for k, v in pending.items()}, out)
                     pending.clear()
-                if args.save_steps and self.global_step % args.save_steps == 0 and self.global_step < args.max_steps:
-                    self.save_model(out / f"checkpoint-{self.global_step}")
+            # Checkpoints fall between generation batches, so a resumed run needs no stored rollouts.
+            if args.save_steps and self.global_step // args.save_steps > start // args.save_steps \
+                    and self.global_step < args.max_steps:
+                self.save_checkpoint()
         self.model.eval()
+        if recipe.eval_data:
+            self.evaluate()
         return self
 
     def optimizer_step(self, groups: list[dict]) -> dict[str, float]:
@@ -479,6 +516,133 @@ class VideoGRPOTrainer:
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write output_dir/checkpoint-N (HF Trainer's layout plus grpo_state.json), via a temporary
+        folder renamed at the end, so a run killed while saving leaves no half checkpoint behind."""
+        path = Path(path) if path is not None else Path(self.recipe.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.global_step}"
+        tmp = path.with_name(f"tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.save_model(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_NAME)
+        torch.save(_rng_state(), tmp / RNG_STATE_NAME)
+        TrainerState(global_step=self.global_step, max_steps=self.args.max_steps, logging_steps=self.args.logging_steps,
+                     save_steps=self.args.save_steps, log_history=self.log_history).save_to_json(str(tmp / TRAINER_STATE_NAME))
+        loop = {"data_order": self._order, "pending_metrics": self._pending}
+        (tmp / LOOP_STATE_NAME).write_text(json.dumps(loop), encoding="utf-8")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return path
+
+    def resume(self, checkpoint: str | Path | bool):
+        """Restore weights, optimizer, scheduler, RNG, step, data position and pending metrics from a
+        checkpoint (True or "last": the newest in output_dir), and cut output_dir's log.jsonl and
+        completions.jsonl back to that step, so the files read as if the run had never stopped."""
+        path = self._checkpoint_path(checkpoint)
+        missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
+                   if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"{path} is not a GRPO checkpoint of this trainer: missing {', '.join(missing)}")
+        self._load_weights(path)
+        self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, weights_only=True))
+        state = TrainerState.load_from_json(str(path / TRAINER_STATE_NAME))
+        if state.max_steps != self.args.max_steps:
+            logger.warning("%s was saved by a run of max_steps=%d; this run has %d (the LR schedule follows this run)",
+                           path, state.max_steps, self.args.max_steps)
+        self.global_step, self.log_history = state.global_step, list(state.log_history)
+        loop = json.loads((path / LOOP_STATE_NAME).read_text(encoding="utf-8"))
+        self._order = list(loop["data_order"])
+        self._pending.clear()
+        self._pending.update({k: list(v) for k, v in loop["pending_metrics"].items()})
+        _set_rng_state(torch.load(path / RNG_STATE_NAME, weights_only=False))
+        self._rewind_logs(Path(self.recipe.output_dir))
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _checkpoint_path(self, checkpoint: str | Path | bool) -> Path:
+        if checkpoint is True or str(checkpoint).lower() in LATEST:
+            last = get_last_checkpoint(self.recipe.output_dir) if Path(self.recipe.output_dir).is_dir() else None
+            if last is None:
+                raise ValueError(f"resume_from_checkpoint={checkpoint!r} but {self.recipe.output_dir} holds no checkpoint-* folder")
+            return Path(last)
+        path = Path(checkpoint)
+        if not path.is_dir():
+            raise ValueError(f"resume_from_checkpoint: {path} is not a directory; pass a checkpoint-N folder or 'last'")
+        return path
+
+    def _load_weights(self, path: Path):
+        if self.recipe.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            result = set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"))
+            if result.unexpected_keys:
+                raise ValueError(f"{path}: adapter weights do not fit this model: {result.unexpected_keys[:3]}")
+            return
+        # from_pretrained maps the saved key names back onto the model's (see sft.VideoSFTTrainer).
+        saved = type(self.model).from_pretrained(path, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict(), strict=True)
+
+    def _rewind_logs(self, out: Path):
+        """Drop the lines a stopped run wrote after the checkpoint: log rows of later steps, rollouts sampled
+        at or after its step (a rollout row carries the step it was sampled at, before the update)."""
+        out.mkdir(parents=True, exist_ok=True)
+        log = out / "log.jsonl"
+        if not log.is_file():  # resumed into a new output_dir: start its log with the restored history
+            log.write_text("".join(json.dumps(row) + "\n" for row in self.log_history), encoding="utf-8")
+        for path, last in ((log, self.global_step), (out / "completions.jsonl", self.global_step - 1)):
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _line_step(line) <= last]
+            if len(kept) < len(lines):
+                logger.info("%s: dropped %d line(s) written after step %d", path, len(lines) - len(kept), self.global_step)
+                path.write_text("".join(kept), encoding="utf-8")
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self, data: str | Path | None = None) -> dict:
+        """Answer accuracy w/ and w/o prob on held-out FingER-Instruct (default recipe.eval_data), in reason
+        mode with greedy reasons up to max_completion_length; writes output_dir/eval.json and logs it."""
+        from finger_reward.evaluation.heldout import eval_metrics, evaluate_instruct, write_eval
+
+        data = data or self.recipe.eval_data
+        if data is None:
+            raise ValueError("evaluate() needs held-out data: pass data= or set eval_data in the recipe")
+        recipe, out = self.recipe, Path(self.recipe.output_dir)
+        result = evaluate_instruct(self.model, data, processor=self.processor, mode=MODE,
+                                   max_new_tokens=self.args.max_completion_length, fps=recipe.fps,
+                                   max_frames=recipe.max_frames, max_pixels=recipe.max_pixels)
+        write_eval(result, out / "eval.json")
+        self.log(eval_metrics(result), out)
+        return result
+
+
+def _line_step(line: str) -> float:
+    """The "step" of a log.jsonl or completions.jsonl line; infinity for a line cut short by a kill."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _rng_state() -> dict:
+    """Every random generator the loop draws from (HF Trainer's rng_state.pth keys)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state_all(state["cuda"])
+
 
 def _as_list(value: Any) -> list:
     if value is None:
@@ -491,8 +655,10 @@ def build_trainer(recipe: GRPORecipe, **kwargs) -> VideoGRPOTrainer:
 
 
 def train(recipe: GRPORecipe, **kwargs) -> VideoGRPOTrainer:
-    """Train, save the final model (or adapter) and processor to output_dir, return the trainer."""
-    trainer = build_trainer(recipe, **kwargs).train()
+    """Train (resuming from recipe.resume_from_checkpoint if set), save the final model (or adapter) and
+    processor to output_dir, return the trainer."""
+    trainer = build_trainer(recipe, **kwargs)
+    trainer.train(resume_from_checkpoint=recipe.resume_from_checkpoint)
     trainer.save_model(recipe.output_dir)
     return trainer
 

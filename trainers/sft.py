@@ -20,7 +20,16 @@ Every key of the YAML is a field of `SFTRecipe`; command-line flags override it.
 global batch of 32 is per_device_train_batch_size x gradient_accumulation_steps x processes;
 set `global_batch_size: 32` and the accumulation is derived from the number of processes
 (8 GPUs x 1 x 4 = 32, 1 GPU x 1 x 32 = 32). Resume with `--resume_from_checkpoint last`
-(the newest checkpoint in output_dir) or a checkpoint directory.
+(the newest checkpoint in output_dir) or a checkpoint directory. With `--eval_data val.jsonl` the
+eval loss is logged every eval_steps and, after training, the answer accuracy w/ and w/o prob
+(`finger_reward.evaluation.heldout`) goes to output_dir/eval.json and the log.
+
+Q-Save rating loss (Q-Save Sec. 4.2.2-4.2.3): with `--rating_loss_weight B` (Q-Save: 1) the loss
+is CE + B * (r_hat - r_MOS)^2 on records that carry a `mos`, where r_hat = sum_j p_j w_j is the
+rating expectation over the five levels read at the rating token (`scoring.rating_expectation`,
+w = 0, 0.25, ..., 1 for Bad..Excellent) and r_MOS the MOS moved from [mos_min, mos_max] to [0, 1].
+SFT cool-off (Q-Save stage 3) is this trainer on `python -m finger_reward.trainers.cooloff`'s
+output: configs/sft_cooloff.yaml.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -37,6 +47,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from finger_reward.instruct import VideoSFTCollator, load_instruct
 from finger_reward.prompts import MODES
+from finger_reward.scoring import rating_expectation
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +61,8 @@ class SFTRecipe:
 
     model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id of a Qwen2.5-VL / Qwen3-VL model"})
     data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL for training (question fields, video, answer, reason)"})
-    eval_data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL for evaluation loss every eval_steps (optional)"})
+    eval_data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL: eval loss every eval_steps, and answer accuracy "
+                                                                      "(w/ and w/o prob) after training to output_dir/eval.json (optional)"})
     mode: str = field(default="answer", metadata={"help": "completion to learn: 'answer' (Yes/No) or 'reason' (<reason>..</reason><answer>..</answer>)"})
 
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})
@@ -95,6 +107,14 @@ class SFTRecipe:
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate on eval_data every N steps (default: save_steps)"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "processes decoding videos for the data loader (0: in the main process)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint directory, or 'last' for the newest in output_dir"})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "reason mode: most tokens of each greedy reason in the accuracy evaluation"})
+    rating_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Q-Save's beta_1: weight of the MSE between the rating expectation at the rating token and the "
+                          "record's MOS, added to the CE loss (Q-Save: 1); 0 = plain SFT. Needs records with 'mos'"},
+    )
+    mos_min: float = field(default=1.0, metadata={"help": "lowest MOS of the data's scale (Q-Save: 1); the MSE target is (mos - mos_min) / (mos_max - mos_min)"})
+    mos_max: float = field(default=5.0, metadata={"help": "highest MOS of the data's scale (Q-Save: 5)"})
     report_to: str = field(default="none", metadata={"help": "logging integrations, as TrainingArguments.report_to ('none', 'wandb', 'tensorboard', ...)"})
 
     def __post_init__(self):
@@ -114,6 +134,11 @@ class SFTRecipe:
             raise ValueError(f"per_device_train_batch_size must be at least 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}")
+        if not self.rating_loss_weight >= 0 or not self.mos_min < self.mos_max:
+            raise ValueError(f"need rating_loss_weight >= 0 and mos_min < mos_max; got {self.rating_loss_weight}, "
+                             f"{self.mos_min}, {self.mos_max}")
+        if self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be at least 1, got {self.eval_max_new_tokens}")
 
     def accumulation_steps(self, num_processes: int) -> int:
         """Gradient accumulation so that per-device batch x accumulation x processes = global_batch_size."""
@@ -138,10 +163,13 @@ class SFTRecipe:
 # ---- 1. data: FingER-Instruct records as a datasets.Dataset ------------------------------------
 
 
-def instruct_dataset(path: str, mode: str):
+def instruct_dataset(path: str, mode: str, *, need_mos: bool = False):
     """Validate every line up front (errors name the file and line), then hand TRL a Dataset of rows."""
     records = load_instruct(path, mode=mode)
     logger.info("%s: %d examples about %d videos", path, len(records), len({r.video for r in records}))
+    if need_mos and all(r.mos is None for r in records):
+        raise ValueError(f"rating_loss_weight > 0 but no record of {path} has a 'mos'; add the MOS of rating "
+                         "questions (Q-Save) or set rating_loss_weight to 0")
     return Dataset.from_list([r.to_dict() for r in records])
 
 
@@ -201,8 +229,37 @@ def sft_config(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
     )
 
 
+def rating_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: list[int]) -> torch.Tensor:
+    """Q-Save's L_MSE = (r_hat - r_MOS)^2, mean over rows: `logits` (rows, vocab) at the positions that
+    predict the rating token, `targets` the MOS on [0, 1]; r_hat is `scoring.rating_expectation`."""
+    return ((rating_expectation(logits, level_ids) - targets.to(logits.device).float()) ** 2).mean()
+
+
+class _LastHiddenState:
+    """Keeps the first output of a backbone (its `last_hidden_state`) seen while the context is open.
+
+    TRL's fused LM head returns log-probabilities only, never logits; the rating loss needs the
+    logits at one position per row, which are the LM head applied to these hidden states.
+    """
+
+    def __init__(self, backbone: torch.nn.Module):
+        self.backbone, self.value = backbone, None
+
+    def _keep(self, module, args, output):
+        if self.value is None:
+            self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def __enter__(self):
+        self.handle = self.backbone.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 class VideoSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer, resuming full-model checkpoints through `from_pretrained`.
+    """TRL's SFTTrainer, resuming full-model checkpoints through `from_pretrained`, with Q-Save's
+    optional rating loss (`rating_loss_weight`; the collator must be built with `mos_range`).
 
     transformers 5.10 saves Qwen2.5-VL under its original key names (`visual.*`, `model.layers.*`),
     but `Trainer._load_from_checkpoint` feeds them to `load_state_dict(strict=False)` of a model
@@ -211,6 +268,42 @@ class VideoSFTTrainer(SFTTrainer):
     (QwenLM/Qwen3-VL#1763, modelscope/ms-swift#7947). `from_pretrained` applies the renaming.
     LoRA adapters and FSDP checkpoints keep the Trainer's own loading; DeepSpeed never comes here.
     """
+
+    def __init__(self, *args, rating_loss_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rating_loss_weight = rating_loss_weight
+        self.rating_ids = getattr(self.data_collator, "rating_ids", None)
+        if rating_loss_weight > 0 and self.rating_ids is None:
+            raise ValueError("rating_loss_weight > 0 needs a VideoSFTCollator built with mos_range=(low, high)")
+
+    def _causal_lm(self, model):
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(model)
+        return model.get_base_model() if isinstance(model, PeftModel) else model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's SFT loss (CE on the completion), plus `rating_loss_weight` x Q-Save's rating MSE."""
+        positions, targets = inputs.pop("rating_positions", None), inputs.pop("rating_targets", None)
+        if positions is None or self.rating_loss_weight == 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        causal_lm = self._causal_lm(model)
+        with _LastHiddenState(causal_lm.base_model) as hidden:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        rows = (positions >= 0).nonzero().squeeze(-1)
+        if len(rows):
+            lm_head = causal_lm.get_output_embeddings()
+            states = hidden.value[rows, positions[rows] - 1]  # the position whose logits predict the rating token
+            mse = rating_loss(lm_head(states.to(lm_head.weight.dtype)), targets[rows], self.rating_ids)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["rating_mse"].append(mse.item())  # this process's rows (a batch may have none)
+            term = self.rating_loss_weight * mse
+            # Like TRL's MoE aux loss: when the Trainer leaves accumulation to the loss, average over it.
+            if num_items_in_batch is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+                term = term / self.current_gradient_accumulation_steps
+            loss = loss + term
+        return (loss, result[1]) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from peft import PeftModel
@@ -224,11 +317,13 @@ class VideoSFTTrainer(SFTTrainer):
 
 def build_trainer(recipe: SFTRecipe) -> VideoSFTTrainer:
     """The SFTTrainer for a recipe, not yet trained."""
-    train_dataset = instruct_dataset(recipe.data, recipe.mode)
+    rating = recipe.rating_loss_weight > 0
+    train_dataset = instruct_dataset(recipe.data, recipe.mode, need_mos=rating)
     eval_dataset = instruct_dataset(recipe.eval_data, recipe.mode) if recipe.eval_data else None
     model, processor = load_model(recipe)
     collator = VideoSFTCollator(processor, recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
-                                max_pixels=recipe.max_pixels)
+                                max_pixels=recipe.max_pixels,
+                                mos_range=(recipe.mos_min, recipe.mos_max) if rating else None)
     return VideoSFTTrainer(
         model=model,
         args=sft_config(recipe, eval_dataset is not None),
@@ -237,7 +332,28 @@ def build_trainer(recipe: SFTRecipe) -> VideoSFTTrainer:
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=lora_config(recipe),
+        rating_loss_weight=recipe.rating_loss_weight,
     )
+
+
+def evaluate_accuracy(trainer: VideoSFTTrainer, recipe: SFTRecipe) -> dict | None:
+    """Answer accuracy w/ and w/o prob on recipe.eval_data (main process only): output_dir/eval.json and the log.
+
+    Rating records (with `mos`) have no Yes/No answer; a file holding them is skipped with a warning."""
+    from finger_reward.evaluation.heldout import eval_metrics, evaluate_instruct, write_eval
+
+    if not trainer.is_world_process_zero():
+        return None
+    if any(r.mos is not None for r in load_instruct(recipe.eval_data)):
+        logger.warning("%s holds rating records (with 'mos'); answer accuracy is for Yes/No questions, skipped",
+                       recipe.eval_data)
+        return None
+    result = evaluate_instruct(trainer.model, recipe.eval_data, processor=trainer.processing_class, mode=recipe.mode,
+                               max_new_tokens=recipe.eval_max_new_tokens, fps=recipe.fps,
+                               max_frames=recipe.max_frames, max_pixels=recipe.max_pixels)
+    write_eval(result, Path(recipe.output_dir) / "eval.json")
+    trainer.log(eval_metrics(result))
+    return result
 
 
 def train(recipe: SFTRecipe):
@@ -250,6 +366,8 @@ def train(recipe: SFTRecipe):
             raise ValueError(f"resume_from_checkpoint='last' but {recipe.output_dir} holds no checkpoint-* folder")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(recipe.output_dir)
+    if recipe.eval_data:
+        evaluate_accuracy(trainer, recipe)
     return trainer
 
 
