@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     score_dir.add_argument("--chunk", type=int, default=16, help="videos per scoring call (results are saved per chunk)")
     _add_model_options(score_dir)
     _add_server_options(score_dir)
+    on_ray = score_dir.add_argument_group("scoring on Ray Data with a pool of model replicas")
+    on_ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run on Ray: alone, a local Ray (or $RAY_ADDRESS); 'auto' or an address joins a cluster; "
+                             "--chunk videos per batch, results written as they arrive")
+    on_ray.add_argument("--workers", type=int, help="model replicas (default: one per GPU of the cluster, else 1)")
+    on_ray.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    on_ray.add_argument("--cpus-per-worker", type=float, help="default: 1 (also a CPU worker's torch threads)")
     score_dir.set_defaults(run=_score_dir)
 
     questions = commands.add_parser("questions", help="generate a question bank from prompts (resumable)")
@@ -115,10 +122,23 @@ def _parser() -> argparse.ArgumentParser:
     pairs.set_defaults(run=_select_pairs)
 
     demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
-    demo.add_argument("--out", help="where to write clips and the tiny model (default: a new temporary directory)")
+    demo.add_argument("--out", help="where to write the clips (default: a new temporary directory)")
     _add_model_options(demo, model_required=False)
     demo.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")
+    demo.add_argument("--seed", type=int, default=0, help="which synthetic scene to draw")
     demo.set_defaults(run=_demo)
+
+    world = commands.add_parser("synthetic", help="write a synthetic world: clips with known defects, a question "
+                                                  "bank and FingER-Instruct JSONL (training and test data)")
+    world.add_argument("out_dir", help="directory for videos/, questions.jsonl and instruct.jsonl")
+    world.add_argument("--scenes", type=int, default=10, help="distinct scenes (colour, shape, direction), at most 60")
+    world.add_argument("--clips-per-scene", type=int, default=1, help="renders of every (scene, defect), each seeded")
+    world.add_argument("--frames", type=int, default=8, help="frames per clip")
+    world.add_argument("--fps", type=float, default=2.0, help="frame rate of the written clips")
+    world.add_argument("--balanced", action="store_true",
+                       help="instruct JSONL with as many fine as broken answers per dimension (for training)")
+    world.add_argument("--seed", type=int, default=0)
+    world.set_defaults(run=_synthetic)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("out_dir", help="directory to write the checkpoint to")
@@ -129,14 +149,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    where = f"(default: ${MODEL_ENV})" if model_required else "(default: a tiny random model)"
-    parser.add_argument("--model", default=os.environ.get(MODEL_ENV) if model_required else None,
-                        help=f"checkpoint directory or hub id {where}")
-    parser.add_argument("--mode", choices=["answer", "reason"], default="answer")
+    where = f"(default: ${MODEL_ENV})" if model_required else "(default: tiny)"
+    parser.add_argument("--model", default=os.environ.get(MODEL_ENV) if model_required else "tiny",
+                        help=f"checkpoint directory, hub id, or 'tiny' (the trained tiny evaluator shipped with "
+                             f"the package) {where}")
+    parser.add_argument("--mode", choices=["answer", "reason"],
+                        help="default: the checkpoint's finger_reward.json, else answer")
     parser.add_argument("--aggregate", choices=["mean", "sum"], default="mean")
     parser.add_argument("--weights", type=_weights, help="dimension weights, e.g. visual_quality=2,text_alignment=1")
-    parser.add_argument("--fps", type=float, default=2.0)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--fps", type=float, help="frames sampled per second (default: the checkpoint's, else 2)")
+    parser.add_argument("--max-pixels", type=int, help="pixels per frame (default: the checkpoint's, else 448x448)")
     parser.add_argument("--slowfast", type=_threshold, nargs="?", const=0.9, metavar="THRESHOLD",
                         help="Q-Save SlowFast frames: a frame whose patch similarity to the last full-size frame "
                              "exceeds THRESHOLD (default 0.9) goes in at a quarter of the pixels; logs the tokens saved")
@@ -176,10 +198,12 @@ def _load_reward(args, model: str, questions):
     if slowfast:
         _log_info_to_stderr("finger_reward.reward")  # its per-video SlowFast token counts
     options = dict(
-        questions=questions, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        aggregate=args.aggregate, weights=args.weights, fps=args.fps, max_pixels=args.max_pixels, slowfast=slowfast,
-        on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
+        questions=questions, max_new_tokens=args.max_new_tokens, aggregate=args.aggregate, weights=args.weights,
+        slowfast=slowfast, on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
     )
+    # Left unset, these come from the checkpoint (finger_reward.json) or the library defaults.
+    options.update({k: v for k, v in dict(mode=args.mode, fps=args.fps, max_pixels=args.max_pixels).items()
+                    if v is not None})
     if getattr(args, "base_url", None):
         if args.device or args.dtype:
             raise FingerError("--device and --dtype are for a local model; the server at --base-url chooses its own")
@@ -220,13 +244,35 @@ def _score_dir(args) -> int:
     if not args.model:
         raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
     keys = read_video_prompts(args.prompts, args.video_dir)
-    reward = _load_reward(args, args.model, args.questions)
-    results = score_to_file(reward, keys, args.out, chunk=args.chunk)
+    if args.ray is not None:
+        results = _score_dir_on_ray(args, keys)
+    else:
+        ray_only = [name for name in ("workers", "gpus_per_worker", "cpus_per_worker") if getattr(args, name) is not None]
+        if ray_only:
+            raise FingerError(f"--{ray_only[0].replace('_', '-')} is an option of --ray: add --ray or drop it")
+        results = score_to_file(_load_reward(args, args.model, args.questions), keys, args.out, chunk=args.chunk)
     failed = [key for key in keys if not results[key].ok]
     for video, _ in failed:
         print(f"finger-reward: error: {results[(video, _)].error}", file=sys.stderr)
     print(f"{len(keys) - len(failed)} of {len(keys)} video(s) scored; results in {args.out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _score_dir_on_ray(args, keys):
+    """`score-dir --ray`: every Ray actor builds its reward as `_load_reward` does, with the bank read here."""
+    import functools
+
+    from finger_reward.offline import score_on_ray
+    from finger_reward.questions import QuestionBank
+
+    if args.base_url:
+        raise FingerError("--ray runs model replicas and --base-url scores through one server: pass one of them")
+    _log_info_to_stderr("finger_reward.offline")  # the pool it starts, and how many videos each worker scored
+    bank = QuestionBank.from_jsonl(args.questions) if args.questions else None
+    load = functools.partial(_load_reward, args, args.model, bank)
+    return score_on_ray(keys, args.out, load, address=args.ray or None, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker or 1.0,
+                        batch_size=args.chunk)
 
 
 def read_video_prompts(path: str | Path, video_dir: str | Path) -> list[tuple[str, str]]:
@@ -250,10 +296,12 @@ def _demo(args) -> int:
     from finger_reward.tiny import make_tiny_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="finger-demo-"))
-    world = synthetic.make_world(out, num_scenes=1)
-    model = args.model or str(make_tiny_model(out / "tiny-model"))
-    print(f"demo files in {out}" + ("" if args.model else " (tiny random model: scores are not meaningful)"),
-          file=sys.stderr)
+    # Clips as the tiny evaluator saw in training: 8 frames at 2 fps, every frame sampled.
+    world = synthetic.make_world(out, num_scenes=1, num_frames=8, fps=2.0, seed=args.seed)
+    model = args.model if args.model != "random" else str(make_tiny_model(out / "tiny-model"))
+    note = {"tiny": " (the tiny evaluator trained on this synthetic world)",
+            "random": " (a tiny random model: scores are not meaningful)"}.get(args.model, "")
+    print(f"demo files in {out}{note}", file=sys.stderr)
     reward = _load_reward(args, model, world.bank_path)
     clips = world.clips
     return _report(reward.score([c.path for c in clips], [c.prompt for c in clips]), as_json=args.json, details=False)
@@ -422,6 +470,17 @@ def _select_pairs(args) -> int:
                              num_inference_steps=args.steps),
     )
     print(out)
+    return 0
+
+
+def _synthetic(args) -> int:
+    from finger_reward import synthetic
+
+    world = synthetic.make_world(args.out_dir, num_scenes=args.scenes, clips_per_scene=args.clips_per_scene,
+                                 num_frames=args.frames, fps=args.fps, balanced=args.balanced, seed=args.seed,
+                                 progress=True)
+    print(f"{len(world.clips)} clips in {Path(args.out_dir) / 'videos'}; bank {world.bank_path}; "
+          f"instruct {world.instruct_path}")
     return 0
 
 

@@ -38,27 +38,38 @@ def _drop_partial_line(path: Path) -> None:
         path.write_bytes(data[:keep])
 
 
-def score_to_file(reward, keys: list[Key], path: str | Path, *, chunk: int = 16, desc: str = "scoring") -> dict[Key, VideoScore]:
-    """Score every (video, prompt) not yet in `path`, appending each result as its chunk finishes.
-
-    Failed videos are written too (with their error), so a rerun does not retry them; delete their
-    lines to retry. Returns all results in the file, old and new.
-    """
-    from tqdm.auto import tqdm
-
+def pending(keys: list[Key], path: str | Path) -> tuple[dict[Key, VideoScore], list[Key]]:
+    """The results already in `path` (after cutting a line a killed run left unfinished) and the keys still to score."""
     path = Path(path)
     if path.exists():
         _drop_partial_line(path)
     done = load_scores(path) if path.exists() else {}
-    todo = [key for key in dict.fromkeys(keys) if key not in done]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(todo), desc=desc, unit="video") as bar, path.open("a", encoding="utf-8") as out:
+    return done, [key for key in dict.fromkeys(keys) if key not in done]
+
+
+def append_result(out, result: VideoScore) -> None:
+    """Write one result as a strict-JSON line (NaN as null) to an open results file."""
+    out.write(json.dumps(json_safe(result.to_dict()), allow_nan=False) + "\n")
+
+
+def score_to_file(reward, keys: list[Key], path: str | Path, *, chunk: int = 16, desc: str = "scoring") -> dict[Key, VideoScore]:
+    """Score every (video, prompt) not yet in `path`, appending each result as its chunk finishes.
+
+    Failed videos are written too (with their error), so a rerun does not retry them; delete their
+    lines to retry. Returns all results in the file, old and new. (`finger_reward.offline` does
+    the same on Ray Data.)
+    """
+    from tqdm.auto import tqdm
+
+    done, todo = pending(keys, path)
+    with tqdm(total=len(todo), desc=desc, unit="video") as bar, Path(path).open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), chunk):
             batch = todo[start : start + chunk]
             results = reward.score([video for video, _ in batch], [prompt for _, prompt in batch])
             for key, result in zip(batch, results):
                 done[key] = result
-                out.write(json.dumps(json_safe(result.to_dict()), allow_nan=False) + "\n")
+                append_result(out, result)
             out.flush()
             bar.update(len(batch))
     return done

@@ -305,22 +305,40 @@ def make_world(
     height: int = 64,
     width: int = 96,
     fps: float = 8.0,
+    clips_per_scene: int = 1,
+    balanced: bool = False,
+    progress: bool = False,
 ) -> World:
-    """Render and encode one clip per (scene, defect); write the question bank and instruct JSONL."""
+    """Render and encode `clips_per_scene` clips per (scene, defect); write the question bank and instruct JSONL.
+
+    With `balanced=True` the instruct JSONL is `balance_answers` of all (clip, question) lines, for training.
+    """
+    from tqdm.auto import tqdm
+
     for defect in defects:
         _check_defect(defect)
+    if clips_per_scene < 1:
+        raise ValueError(f"clips_per_scene must be at least 1, got {clips_per_scene}")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     clips = []
-    for index, scene in enumerate(_distinct_scenes(rng, num_scenes)):
-        for defect in defects:
-            clip_seed = int(rng.integers(2**31))
-            frames = render(scene, defect, num_frames=num_frames, height=height, width=width, seed=clip_seed)
-            path = write_video(frames, out_dir / "videos" / f"{index}_{defect or 'clean'}.mp4", fps=fps)
-            clips.append(SyntheticClip(path=path, scene=scene, defect=defect, seed=clip_seed))
-    scenes = list(dict.fromkeys(clip.scene for clip in clips))
+    scenes = _distinct_scenes(rng, num_scenes)
+    with tqdm(total=len(scenes) * len(defects) * clips_per_scene, desc="rendering clips", unit="clip",
+              disable=not progress) as bar:
+        for index, scene in enumerate(scenes):
+            for copy in range(clips_per_scene):
+                for defect in defects:
+                    clip_seed = int(rng.integers(2**31))
+                    frames = render(scene, defect, num_frames=num_frames, height=height, width=width, seed=clip_seed)
+                    name = f"{index}_{defect or 'clean'}" + (f"_{copy}" if copy else "")
+                    path = write_video(frames, out_dir / "videos" / f"{name}.mp4", fps=fps)
+                    clips.append(SyntheticClip(path=path, scene=scene, defect=defect, seed=clip_seed))
+                    bar.update()
     bank_path = QuestionBank([q for scene in scenes for q in questions_for(scene)]).to_jsonl(out_dir / "questions.jsonl")
-    return World(clips=clips, bank_path=bank_path, instruct_path=_write_instruct(clips, out_dir / "instruct.jsonl"))
+    rows = _instruct_rows(clips)
+    if balanced:
+        rows = balance_answers(rows, seed=seed)
+    return World(clips=clips, bank_path=bank_path, instruct_path=_write_jsonl(rows, out_dir / "instruct.jsonl"))
 
 
 def _distinct_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
@@ -336,12 +354,33 @@ def _distinct_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
     return scenes
 
 
-def _write_instruct(clips: list[SyntheticClip], path: Path) -> Path:
-    """FingER-Instruct lines: one per (clip, question) with the question fields, video, answer and reason."""
+def _instruct_rows(clips: list[SyntheticClip]) -> list[dict]:
+    """FingER-Instruct rows: one per (clip, question) with the question fields, video, answer and reason."""
+    return [{**q.to_dict(), "video": str(clip.path), "answer": answer(q, clip.defect), "reason": reason(q, clip.defect)}
+            for clip in clips for q in questions_for(clip.scene)]
+
+
+def balance_answers(rows: list[dict], *, seed: int = 0) -> list[dict]:
+    """Per dimension, every "broken" row and as many "fine" rows drawn at random, shuffled.
+
+    With one defect per clip a question is broken in 1 clip of 6, so always answering "fine" is
+    83% right and a small model learns the question's polarity and never looks at the video.
+    Balanced, the answer can only be told from the video (the answer is polarity XOR defect).
+    """
+    rng = np.random.default_rng(seed)
+    kept = []
+    for dimension in DIMENSIONS:
+        rows_in = [r for r in rows if r["dimension"] == dimension]
+        broken = [r for r in rows_in if r["answer"] != ("Yes" if r["positive"] else "No")]
+        fine = [r for r in rows_in if r["answer"] == ("Yes" if r["positive"] else "No")]
+        picked = rng.choice(len(fine), size=min(len(broken), len(fine)), replace=False)
+        kept += broken + [fine[i] for i in sorted(picked)]
+    return [kept[i] for i in rng.permutation(len(kept))]
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
-        for clip in clips:
-            for q in questions_for(clip.scene):
-                record = {**q.to_dict(), "video": str(clip.path),
-                          "answer": answer(q, clip.defect), "reason": reason(q, clip.defect)}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path

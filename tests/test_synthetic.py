@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from finger_reward import synthetic
 from finger_reward.questions.bank import QuestionBank
 from finger_reward.questions.record import DIMENSIONS, Question
-from finger_reward.synthetic import DEFECTS, Scene
+from finger_reward.synthetic import DEFECTS, Scene, balance_answers, make_world
 from finger_reward.video import load_video
 
 ALL_DEFECTS = (None, *DEFECTS.values())
@@ -269,3 +270,31 @@ def test_make_world_is_deterministic_and_rejects_unknown_defects(tmp_path):
     with pytest.raises(ValueError, match="unknown defect"):
         synthetic.make_world(tmp_path / "c", defects=("melting",))
     assert not (tmp_path / "c").exists()
+
+
+def _broken(row: dict) -> bool:
+    return row["answer"] != ("Yes" if row["positive"] else "No")
+
+
+def test_balanced_world_keeps_every_broken_answer_and_as_many_fine_ones_per_dimension(tmp_path):
+    full = make_world(tmp_path / "full", num_scenes=2, clips_per_scene=2, num_frames=4, seed=3)
+    balanced = make_world(tmp_path / "bal", num_scenes=2, clips_per_scene=2, num_frames=4, seed=3, balanced=True)
+    rows = [json.loads(line) for line in full.instruct_path.read_text().splitlines()]
+    kept = [json.loads(line) for line in balanced.instruct_path.read_text().splitlines()]
+    assert len(full.clips) == 2 * 2 * 6 and len(rows) == len(full.clips) * 10
+    for dim in DIMENSIONS:
+        broken = [r for r in kept if r["dimension"] == dim and _broken(r)]
+        fine = [r for r in kept if r["dimension"] == dim and not _broken(r)]
+        assert len(broken) == len(fine) == sum(r["dimension"] == dim and _broken(r) for r in rows) == 8
+    named = [json.dumps({**r, "video": Path(r["video"]).name}, sort_keys=True) for r in rows]
+    assert all(json.dumps({**r, "video": Path(r["video"]).name}, sort_keys=True) in named for r in kept)
+    assert balance_answers(rows, seed=5) != balance_answers(rows, seed=6)
+    assert balance_answers(rows, seed=5) == balance_answers(rows, seed=5)
+
+
+def test_clips_per_scene_renders_distinct_seeded_copies(tmp_path):
+    world = make_world(tmp_path, num_scenes=1, clips_per_scene=3, defects=(None,), num_frames=4)
+    assert [c.path.name for c in world.clips] == ["0_clean.mp4", "0_clean_1.mp4", "0_clean_2.mp4"]
+    assert len({c.seed for c in world.clips}) == 3
+    with pytest.raises(ValueError, match="clips_per_scene"):
+        make_world(tmp_path / "bad", num_scenes=1, clips_per_scene=0)

@@ -73,8 +73,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerStat
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, TrlParser
 
-from finger_reward.engine.inputs import processor_inputs
+from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
+from finger_reward.pretrained import write_scoring_defaults
 from finger_reward.rewards import accuracy_reward, format_reward
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,8 @@ class VideoGRPOTrainer:
             out = self.model.generate(
                 **prompt, do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
                 max_new_tokens=self.args.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                # A sampled <|video_pad|> would break the next forward's feature count.
+                suppress_tokens=placeholder_token_ids(self.processor) or None,
             )
         self.model.train(was_training)
         completion_ids = out[:, prompt_length:]
@@ -515,6 +518,8 @@ class VideoGRPOTrainer:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        write_scoring_defaults(path, mode=MODE, fps=self.recipe.fps, max_frames=self.recipe.max_frames,
+                               max_pixels=self.recipe.max_pixels)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 

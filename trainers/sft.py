@@ -46,6 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from finger_reward.instruct import VideoSFTCollator, load_instruct
+from finger_reward.pretrained import write_scoring_defaults
 from finger_reward.prompts import MODES
 from finger_reward.scoring import rating_expectation
 
@@ -366,6 +367,9 @@ def train(recipe: SFTRecipe):
             raise ValueError(f"resume_from_checkpoint='last' but {recipe.output_dir} holds no checkpoint-* folder")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(recipe.output_dir)
+    # How the model is to be asked: FingerReward.from_pretrained reads it (finger_reward.pretrained).
+    write_scoring_defaults(recipe.output_dir, mode=recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
+                           max_pixels=recipe.max_pixels)
     if recipe.eval_data:
         evaluate_accuracy(trainer, recipe)
     return trainer

@@ -12,6 +12,12 @@ def patch_factor(processor) -> int:
     return video.patch_size * video.merge_size
 
 
+def placeholder_token_ids(processor) -> list[int]:
+    """The image and video placeholder tokens: never generated, since each must match a vision feature."""
+    ids = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+    return [i for i in ids if i is not None]
+
+
 def processor_inputs(processor, text: str, clip: Clip):
     """One text with one clip through the processor.
 
