@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,9 @@ class VideoSFTCollator:
     -100 on the prompt and on padding. Video tensors (`pixel_values_videos`, `video_grid_thw`,
     `second_per_grid_ts`, ...) are the processor's, concatenated over the batch.
 
+    `clip_cache=N` keeps the last N decoded videos in memory: a small data set seen for many
+    epochs (the tiny evaluator's) then decodes each video once.
+
     With `mos_range=(low, high)` the batch also holds, for the Q-Save rating loss,
     `rating_positions` (index in input_ids of each row's rating-level token, -1 for a record
     without `mos`) and `rating_targets` (the MOS moved to [0, 1], NaN without `mos`);
@@ -200,8 +204,11 @@ class VideoSFTCollator:
     """
 
     def __init__(self, processor, mode: str = "answer", *, fps: float = 2.0, max_frames: int = 48,
-                 max_pixels: int = 448 * 448, mos_range: tuple[float, float] | None = None):
+                 max_pixels: int = 448 * 448, mos_range: tuple[float, float] | None = None, clip_cache: int = 0):
         self.processor, self.tokenizer = processor, processor.tokenizer
+        if clip_cache < 0:
+            raise ValueError(f"clip_cache must be >= 0 (videos kept decoded), got {clip_cache}")
+        self.clip_cache, self._clips = clip_cache, OrderedDict()
         self.mode = prompts.check_mode(mode)
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels,
                                   patch_factor=patch_factor(processor))
@@ -219,8 +226,18 @@ class VideoSFTCollator:
         return self.split.prefix + self.split.text_after_video(record.question)
 
     def load_clip(self, record: InstructRecord) -> Clip:
+        """The record's video, sampled as the engine samples it; the last `clip_cache` videos stay decoded."""
+        clip = self._clips.get(record.video)
+        if clip is not None:
+            self._clips.move_to_end(record.video)
+            return clip
         name = f"{record.video} ({record.source})" if record.source else record.video
-        return load_video(record.video, name=name, **self.video_options)
+        clip = load_video(record.video, name=name, **self.video_options)
+        if self.clip_cache:
+            self._clips[record.video] = clip
+            if len(self._clips) > self.clip_cache:
+                self._clips.popitem(last=False)
+        return clip
 
     def __call__(self, examples: list[InstructRecord | dict]) -> dict[str, torch.Tensor]:
         if not examples:

@@ -167,6 +167,24 @@ def test_collator_video_errors_name_the_video_and_line(processor, records, tmp_p
     assert str(broken) in str(err.value) and records[0].source in str(err.value)
 
 
+def test_clip_cache_decodes_each_video_once_and_keeps_the_latest(processor, records):
+    collator = VideoSFTCollator(processor, "reason", clip_cache=2)
+    by_video = list({r.video: r for r in records}.values())[:3]
+    first = collator.load_clip(by_video[0])
+    assert collator.load_clip(by_video[0]) is first  # a hit returns the decoded clip itself
+    collator.load_clip(by_video[1])
+    collator.load_clip(by_video[2])  # evicts the least recently used: video 0
+    assert list(collator._clips) == [by_video[1].video, by_video[2].video]
+    again = collator.load_clip(by_video[0])
+    assert again is not first and torch.equal(again.frames, first.frames)
+    uncached = VideoSFTCollator(processor, "reason")
+    assert uncached.load_clip(by_video[0]) is not uncached.load_clip(by_video[0])
+    batch, cached = uncached(by_video[:2]), collator(by_video[:2])
+    assert all(torch.equal(batch[k], cached[k]) for k in batch)
+    with pytest.raises(ValueError, match="clip_cache"):
+        VideoSFTCollator(processor, "reason", clip_cache=-1)
+
+
 def test_loss_depends_on_the_video_and_reaches_the_vision_tower(tiny_model_dir, processor, records):
     from transformers import AutoModelForImageTextToText
 

@@ -119,6 +119,7 @@ class GRPORecipe:
     fps: float = field(default=2.0, metadata={"help": "frames per second sampled from each video (paper: 2), as the engine samples"})
     max_pixels: int = field(default=448 * 448, metadata={"help": "pixel budget per frame, H x W (paper: 448 x 448)"})
     max_frames: int = field(default=48, metadata={"help": "at most this many frames per video"})
+    clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft); the reference is the model with adapters disabled"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -249,7 +250,8 @@ class VideoGRPOTrainer:
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
         self.records = records if records is not None else load_instruct(recipe.data)
         self.collator = VideoSFTCollator(processor, MODE, fps=recipe.fps, max_frames=recipe.max_frames,
-                                         max_pixels=recipe.max_pixels)
+                                         max_pixels=recipe.max_pixels,
+                                clip_cache=recipe.clip_cache)
         self.ref_model = self._reference()
         eos = {self.tokenizer.convert_tokens_to_ids(self.collator.end_of_turn)} if self.collator.end_of_turn else set()
         eos |= {self.tokenizer.eos_token_id} - {None}

@@ -80,6 +80,7 @@ class SFTRecipe:
     fps: float = field(default=2.0, metadata={"help": "frames per second sampled from each video (paper: 2), as the engine samples"})
     max_pixels: int = field(default=448 * 448, metadata={"help": "pixel budget per frame, H x W (paper: 448 x 448 = 200704)"})
     max_frames: int = field(default=48, metadata={"help": "at most this many frames per video, evenly spread"})
+    clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
     model_dtype: str = field(
         default="float32",
@@ -324,7 +325,8 @@ def build_trainer(recipe: SFTRecipe) -> VideoSFTTrainer:
     model, processor = load_model(recipe)
     collator = VideoSFTCollator(processor, recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
                                 max_pixels=recipe.max_pixels,
-                                mos_range=(recipe.mos_min, recipe.mos_max) if rating else None)
+                                mos_range=(recipe.mos_min, recipe.mos_max) if rating else None,
+                                clip_cache=recipe.clip_cache)
     return VideoSFTTrainer(
         model=model,
         args=sft_config(recipe, eval_dataset is not None),
