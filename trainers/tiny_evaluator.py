@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import time
 from importlib import resources
@@ -51,6 +53,8 @@ def _overrides(pairs: list[str]) -> list[str]:
 def train_tiny_evaluator(out: str | Path, *, train_scenes: int = 60, clips_per_scene: int = 2,
                          heldout_scenes: int = 20, sft: list[str] = (), grpo: list[str] = ()) -> dict:
     """Run the whole recipe into `out` (base/, train/, heldout/, sft/, grpo/); return the held-out figures per stage."""
+    import torch
+
     from finger_reward.trainers import grpo as grpo_trainer
     from finger_reward.trainers import sft as sft_trainer
 
@@ -78,22 +82,119 @@ def train_tiny_evaluator(out: str | Path, *, train_scenes: int = 60, clips_per_s
     seconds["grpo"] = time.perf_counter() - start
 
     summary = {"seconds": {k: round(v, 1) for k, v in seconds.items()},
-               "train_records": sum(1 for _ in train.instruct_path.open()),
+               "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}",
+               "train_clips": len(train.clips), "train_records": sum(1 for _ in train.instruct_path.open()),
                "heldout_records": sum(1 for _ in heldout.instruct_path.open())}
     for stage in ("base", "sft", "grpo"):
         summary[stage] = json.loads((out / stage / "eval.json").read_text())["dimensions"]
+        summary[stage]["free_completions"] = free_completion_rewards(out / stage, heldout.instruct_path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def free_completion_rewards(model_dir: str | Path, heldout_jsonl: str | Path, *, limit: int = 200) -> dict:
+    """Format and accuracy rewards (rewards.py, FingER Eq. 10-11) of greedy completions written freely,
+    without the engine closing the reason for the model, on the first `limit` held-out questions."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
+    from finger_reward.instruct import VideoSFTCollator, load_instruct
+    from finger_reward.rewards import accuracy_reward, format_reward
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    collator = VideoSFTCollator(processor, "reason", fps=CLIP["fps"], clip_cache=limit)
+    records = load_instruct(heldout_jsonl)[:limit]
+    texts = []
+    with torch.inference_mode():
+        for record in records:
+            inputs = processor_inputs(processor, collator.prompt_text(record), collator.load_clip(record))
+            out = model.generate(**inputs, max_new_tokens=MAX_REASON_TOKENS, do_sample=False,
+                                 suppress_tokens=placeholder_token_ids(processor))
+            texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    fmt = format_reward(texts)
+    acc = accuracy_reward(texts, answer=[r.answer for r in records])
+    return {"format": sum(fmt) / len(fmt), "acc": sum(acc) / len(acc), "questions": len(texts)}
+
+
 def install(out: str | Path, dest: str | Path = TINY_EVALUATOR) -> Path:
-    """Copy the trained model (out/grpo) and the figures (out/summary.json) into the package."""
+    """Copy the trained model (out/grpo) and its figures (out/summary.json) into the package, with a model card."""
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:
         shutil.copy2(out / "grpo" / name, dest / name)
-    shutil.copy2(out / "summary.json", dest / "training_summary.json")
+    summary = json.loads((out / "summary.json").read_text())
+    (dest / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (dest / "README.md").write_text(model_card(summary, dest))
     return dest
+
+
+def model_card(summary: dict, model_dir: str | Path) -> str:
+    """The model card: what the tiny evaluator is, how it was trained (commands, CPU time), what it scores."""
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(str(Path(model_dir) / "model.safetensors")).values())
+    rows = []
+    for stage, label in (("base", "random weights"), ("sft", "after SFT with reasons"), ("grpo", "after GRPO")):
+        figures, free = summary[stage]["overall"], summary[stage]["free_completions"]
+        rows.append(f"| {label} | {figures['acc']:.3f} | {figures['acc_prob']:.3f} | {free['acc']:.3f} | {free['format']:.3f} |")
+    dims = " | ".join(f"{d} {summary['grpo'][d]['acc']:.3f}" for d in summary["grpo"] if d not in ("overall", "free_completions"))
+    seconds = summary["seconds"]
+    return _CARD.format(params=params, rows="\n".join(rows), dims=dims, train=summary["train_records"],
+                        clips=f"{summary['train_clips']:,} clips",
+                        heldout=summary["heldout_records"], sft=seconds["sft"] / 60, grpo=seconds["grpo"] / 60,
+                        machine=summary.get("machine", "CPU"))
+
+
+_CARD = """# finger-reward tiny evaluator
+
+A {params:,}-parameter model with the Qwen2.5-VL architecture (2-block vision tower, 2-layer
+language model of width 64, a 1,024-token BPE vocabulary), trained on CPU by this package's own
+scripts to judge the clips of `finger_reward.synthetic`: one coloured shape moving across a dark
+background, with at most one defect (wrong colour, frozen, flicker, noise, teleport), each
+belonging to one FingER dimension. It answers FingER's Yes/No questions about such clips in
+reason mode (`<reason>...</reason><answer>Yes|No</answer>`), so `finger-reward demo` and
+`finger-reward score --model tiny` give meaningful scores without downloading anything.
+
+It knows nothing but that world: on real videos its scores mean nothing. It exists so that the
+whole pipeline (questions, engine, scores, service, training loops) can be seen working on a
+laptop, and as proof that the training scripts teach a model to look at the video.
+
+```python
+from finger_reward import FingerReward
+reward = FingerReward.from_pretrained("tiny")   # reason mode, 2 fps: from finger_reward.json
+```
+
+## Training
+
+{train:,} training questions about {clips} (balanced: per dimension as many "fine" as "broken"
+answers), SFT with reasons from random weights, then GRPO with FingER's accuracy + format rewards
+(beta 0.04, epsilon 0.2, mu 1; groups of 8), exactly as
+
+```bash
+python -m finger_reward.trainers.tiny_evaluator --out out/tiny --install
+```
+
+runs it; the step-by-step commands are at the top of `configs/tiny_evaluator_sft.yaml`, the
+settings in that file and `configs/tiny_evaluator_grpo.yaml`. Time on {machine}: SFT
+{sft:.1f} min, GRPO {grpo:.1f} min.
+
+## Held-out figures
+
+{heldout:,} questions about clips never seen in training (`finger-reward synthetic --scenes 20
+--seed 99`, the natural mix: one clip in six has the defect a question asks about).
+Acc w/o prob: the hard answer after a greedy reason, as `FingerReward` scores; w/ prob: P(right
+answer) > 0.5 (FingER Table 1-2's two readings). Free completions: the model writes the whole
+completion greedily (no help closing the reason); format and accuracy rewards (Eq. 10-11) on the
+first 200 questions.
+
+| model | acc w/o prob | acc w/ prob | free completion acc | format reward |
+|---|---|---|---|---|
+{rows}
+
+Per dimension after GRPO (acc w/o prob): {dims}.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                                    heldout_scenes=args.heldout_scenes, sft=args.sft, grpo=args.grpo)
     for stage in ("base", "sft", "grpo"):
         overall = summary[stage]["overall"]
-        print(f"{stage:>5}: held-out acc {overall['acc']:.3f} (w/o prob), {overall['acc_prob']:.3f} (w/ prob)")
+        free = summary[stage]["free_completions"]
+        print(f"{stage:>5}: held-out acc {overall['acc']:.3f} (w/o prob), {overall['acc_prob']:.3f} (w/ prob); "
+              f"free greedy completions: format {free['format']:.3f}, acc {free['acc']:.3f}")
     print(f"seconds: {summary['seconds']}")
     if args.install:
         print(f"installed into {install(args.out)}")
