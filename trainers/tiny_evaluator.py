@@ -152,8 +152,8 @@ _CARD = """# finger-reward tiny evaluator
 A {params:,}-parameter model with the Qwen2.5-VL architecture (2-block vision tower, 2-layer
 language model of width 64, a 1,024-token BPE vocabulary), trained on CPU by this package's own
 scripts to judge the clips of `finger_reward.synthetic`: one coloured shape moving across a dark
-background, with at most one defect (wrong colour, frozen, flicker, noise, teleport), each
-belonging to one FingER dimension. It answers FingER's Yes/No questions about such clips in
+background, with at most one defect (wrong colour, frozen, flicker, noise and blur on washed-out
+colours, teleport), each belonging to one FingER dimension. It answers FingER's Yes/No questions about such clips in
 reason mode (`<reason>...</reason><answer>Yes|No</answer>`), so `finger-reward demo` and
 `finger-reward score --model tiny` give meaningful scores without downloading anything.
 
@@ -194,6 +194,10 @@ first 200 questions.
 {rows}
 
 Per dimension after GRPO (acc w/o prob): {dims}.
+
+SFT does nearly all of the learning here: GRPO starts from a model that already answers most
+training questions right, so most groups of 8 completions agree and carry no advantage (its
+log, `log.jsonl`, shows the share of such groups as `frac_reward_zero_std`).
 """
 
 
