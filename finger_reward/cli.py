@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--model", default=os.environ.get(MODEL_ENV), help=f"FingER checkpoint (default: ${MODEL_ENV})")
     pairs.set_defaults(run=_select_pairs)
 
-    demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with a tiny model")
+    demo = commands.add_parser("demo", help="score synthetic clips (clean and defective) with the tiny evaluator "
+                                                 "(--model random: an untrained tiny model; or any checkpoint)")
     demo.add_argument("--out", help="where to write the clips (default: a new temporary directory)")
     _add_model_options(demo, model_required=False)
     demo.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")

@@ -63,13 +63,22 @@ def test_bad_inputs_exit_nonzero_with_one_line(tiny_model_dir, bank_path, mp4_pa
     assert done.returncode == 2 and "--model" in done.stderr
 
 
-def test_demo_json(tmp_path):
+def test_demo_scores_the_clean_clip_highest_with_the_tiny_evaluator(tmp_path):
     done = run("demo", "--out", tmp_path, "--json")
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(rows) == 6 and all(0 <= r["overall"] <= 1 for r in rows)
-    assert {r["video"].rsplit("/", 1)[-1] for r in rows} >= {"0_clean.mp4", "0_frozen.mp4"}
-    assert (tmp_path / "tiny-model" / "config.json").is_file()
+    assert "tiny evaluator" in done.stderr
+    rows = {r["video"].rsplit("/", 1)[-1]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert len(rows) == 6 and all(0 <= r["overall"] <= 1 for r in rows.values())
+    clean = rows.pop("0_clean.mp4")
+    assert all(r["overall"] < clean["overall"] for r in rows.values()), (clean, rows)
+    assert rows["0_noise.mp4"]["dimensions"]["visual_quality"] < clean["dimensions"]["visual_quality"]
+
+
+def test_demo_with_a_random_model(tmp_path):
+    done = run("demo", "--out", tmp_path, "--json", "--model", "random")
+    assert done.returncode == 0, done.stderr
+    assert "not meaningful" in done.stderr and (tmp_path / "tiny-model" / "config.json").is_file()
+    assert len(done.stdout.splitlines()) == 6
 
 
 def test_make_tiny_model(tmp_path):
