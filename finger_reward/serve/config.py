@@ -25,11 +25,12 @@ class ServeConfig:
     replicas: int | None = field(default=None, metadata={"help": "Ray Serve replicas; None runs one process without Ray"})
     num_gpus_per_replica: float | None = field(default=None, metadata={"help": "default: 1 when CUDA is present, else 0"})
     num_cpus_per_replica: float = 1.0
-    mode: str = "answer"
+    # None: the checkpoint's finger_reward.json, else answer mode, 2 fps, 48 frames, 448x448.
+    mode: str | None = None
     max_new_tokens: int = 256
-    fps: float = 2.0
-    max_frames: int = 48
-    max_pixels: int = 448 * 448
+    fps: float | None = None
+    max_frames: int | None = None
+    max_pixels: int | None = None
     aggregate: str = "mean"
     weights: dict[str, float] | None = None
     device: str | None = None
@@ -62,7 +63,8 @@ class ServeConfig:
         """Keyword arguments for `FingerReward.from_pretrained`."""
         keys = ("mode", "max_new_tokens", "fps", "max_frames", "max_pixels", "aggregate", "weights", "device", "dtype")
         options = {k: getattr(self, k) for k in keys}
-        return {"questions": self.questions, **options}
+        trained = ("mode", "fps", "max_frames", "max_pixels")  # left unset: as the checkpoint was trained
+        return {"questions": self.questions, **{k: v for k, v in options.items() if v is not None or k not in trained}}
 
     def batcher_options(self) -> dict:
         keys = ("max_batch_size", "max_batch_tokens", "max_wait_ms", "max_queue", "prepare_workers")
