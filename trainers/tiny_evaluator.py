@@ -153,9 +153,10 @@ A {params:,}-parameter model with the Qwen2.5-VL architecture (2-block vision to
 language model of width 64, a 1,024-token BPE vocabulary), trained on CPU by this package's own
 scripts to judge the clips of `finger_reward.synthetic`: one coloured shape moving across a dark
 background, with at most one defect (wrong colour, frozen, flicker, noise and blur on washed-out
-colours, teleport), each belonging to one FingER dimension. It answers FingER's Yes/No questions about such clips in
-reason mode (`<reason>...</reason><answer>Yes|No</answer>`), so `finger-reward demo` and
-`finger-reward score --model tiny` give meaningful scores without downloading anything.
+colours, teleport), each belonging to one FingER dimension. It answers FingER's Yes/No questions
+about such clips in reason mode (`<reason>...</reason><answer>Yes|No</answer>`), so
+`finger-reward demo` and `finger-reward score --model tiny` give meaningful scores without
+downloading anything.
 
 It knows nothing but that world: on real videos its scores mean nothing. It exists so that the
 whole pipeline (questions, engine, scores, service, training loops) can be seen working on a
