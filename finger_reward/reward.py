@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from finger_reward import scoring
 from finger_reward.errors import BatchError, FingerError, QuestionError
+from finger_reward.prefetch import PipelineStats, pipeline
 from finger_reward.questions import Question, QuestionBank, TemplateGenerator, as_bank
 from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
@@ -42,6 +43,12 @@ class FingerReward:
     Frames are sampled at `fps` (at most `max_frames`) under `max_pixels`; `slowfast=SlowFast()`
     (`finger_reward.video`) gives Q-Save's SlowFast frames instead, logging the tokens saved.
 
+    `score` hands the model `chunk_size` videos at a time and decodes the next chunk in
+    `prefetch` worker threads meanwhile (default: one beside a CPU model, which needs the cores
+    itself, several beside a GPU; 0: no threads). A video whose preprocessing takes longer than
+    `decode_timeout` seconds (with workers) fails alone. `stats` holds the last `score`'s
+    `PipelineStats`, including the share of wall time the model waited on preprocessing.
+
     A video that cannot be scored (unreadable, or its prompt has no questions) never gets a
     silent 0: with `on_error="raise"` (default) every other video is still scored and a
     `BatchError` carries both the failures and the results; with `on_error="nan"` the
@@ -65,7 +72,16 @@ class FingerReward:
         slowfast: SlowFast | None = None,
         on_error: str = "raise",
         progress: bool = False,
+        prefetch: int | None = None,
+        chunk_size: int = 16,
+        decode_timeout: float | None = 300.0,
     ):
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
+            raise ValueError(f"prefetch={prefetch!r} must be a number of worker threads >= 0, or None for the default")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be a whole number of videos >= 1")
+        if decode_timeout is not None and not decode_timeout > 0:
+            raise ValueError(f"decode_timeout={decode_timeout!r} must be a positive number of seconds or None")
         if aggregate not in scoring.AGGREGATES:
             raise ValueError(f"aggregate={aggregate!r} is not one of {scoring.AGGREGATES}")
         if on_error not in ON_ERROR:
@@ -81,6 +97,8 @@ class FingerReward:
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range,
                                   slowfast=slowfast)
         self.on_error, self.progress = on_error, progress
+        self.prefetch, self.chunk_size, self.decode_timeout = prefetch, chunk_size, decode_timeout
+        self.stats = PipelineStats()
         self._batcher = None
         self._batcher_lock = threading.Lock()
 
@@ -98,21 +116,33 @@ class FingerReward:
         processor=None,
         questions=None,
         question_generator=None,
-        mode: str = "answer",
+        mode: str | None = None,
         max_new_tokens: int = 256,
         device=None,
         dtype=None,
         attn_implementation: str | None = None,
+        max_batch_tokens: int | str = 16384,
+        compile: bool = False,
         **options,
     ) -> "FingerReward":
-        """Load a Qwen2.5-VL / Qwen3-VL checkpoint (directory or hub id), or wrap a loaded model.
+        """Load a Qwen2.5-VL / Qwen3-VL checkpoint (directory, hub id or "tiny"), or wrap a loaded model.
 
         `mode` is "answer" (read P(Yes)/P(No) right away) or "reason" (generate the reason
-        first, then read the answer). Other keyword options are those of `FingerReward`.
+        first, then read the answer). `max_batch_tokens` ("auto": from free GPU memory) and `compile`
+        go to `TransformersEngine`. Other keyword options are those of `FingerReward`. Settings
+        left out (mode, fps, max_frames, max_pixels) come from the checkpoint's finger_reward.json
+        when it has one (`finger_reward.pretrained`), else the defaults.
         """
+        from finger_reward import pretrained
         from finger_reward.engine import TransformersEngine
 
-        engine_options = dict(mode=mode, max_new_tokens=max_new_tokens)
+        model = pretrained.resolve(model)
+        defaults = pretrained.scoring_defaults(model)
+        trained_mode = defaults.pop("mode", "answer")
+        mode = mode or trained_mode
+        options = {**defaults, **options}
+        engine_options = dict(mode=mode, max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens,
+                              compile=compile)
         if isinstance(model, (str, Path)):
             engine = TransformersEngine.from_pretrained(
                 str(model), device=device, dtype=dtype, attn_implementation=attn_implementation, **engine_options
@@ -186,15 +216,46 @@ class FingerReward:
                 self._batcher = None
 
     def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
-        """Full results per video: overall, per dimension, per question (with reasons in reason mode)."""
+        """Full results per video: overall, per dimension, per question (with reasons in reason mode).
+
+        Videos go to the model `chunk_size` at a time while the next chunk is decoded (see the class).
+        """
         videos, prompts = pair_videos_prompts(videos, prompts)
-        outcomes = self.run(self.prepare(videos, prompts))
-        results = [VideoScore.failed(describe(v, i), p, o) if isinstance(o, Exception) else o
-                   for i, (v, p, o) in enumerate(zip(videos, prompts, outcomes))]
+        outcomes = [o for chunk in self._outcomes(videos, prompts) for o in chunk]
+        results = _as_scores(videos, prompts, outcomes)
         failures = {i: o for i, o in enumerate(outcomes) if isinstance(o, Exception)}
         if failures and self.on_error == "raise":
             raise BatchError(failures, results)
         return results
+
+    def score_iter(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> Iterator[list[VideoScore]]:
+        """`score` chunk by chunk: each chunk's results, in order, as soon as the model has them.
+
+        A failed video is a `VideoScore` with NaN scores and its `error`, whatever `on_error` says,
+        so a long run can write results as it goes. `stats` grows as the chunks come.
+        """
+        videos, prompts = pair_videos_prompts(videos, prompts)
+        done = 0
+        for outcomes in self._outcomes(videos, prompts):
+            yield _as_scores(videos[done:], prompts[done:], outcomes, start=done)
+            done += len(outcomes)
+
+    def _outcomes(self, videos: list, prompts: list[str]) -> Iterator[list[VideoScore | Exception]]:
+        """Each chunk's scores or errors, through the prefetch pipeline, with the progress bar and `stats`."""
+        prompt_errors = self._fill_questions(prompts)
+        names = [describe(v, i) for i, v in enumerate(videos)]
+        items = list(zip(videos, prompts, names))
+
+        def prepare(item) -> Job | Exception:
+            return self._prepare_one(*item, prompt_errors, with_inputs=True)
+
+        self.stats = PipelineStats()
+        with tqdm(total=len(videos), desc="scoring", unit="video", disable=not self.progress, mininterval=0) as bar:
+            for outcomes in pipeline(items, prepare, self._run_jobs, chunk_size=self.chunk_size,
+                                     workers=self._prefetch_workers(), timeout=self.decode_timeout,
+                                     label=names.__getitem__, stats=self.stats):
+                yield outcomes
+                bar.update(len(outcomes))
 
     def prepare(self, videos: Sequence[Any], prompts: Sequence[str], names: Sequence[str] | None = None) -> list[Job | Exception]:
         """The CPU half of scoring: each video's questions and decoded frames, or its error in its place.
@@ -202,21 +263,37 @@ class FingerReward:
         New prompts are sent to the question generator together, once each. Services call this
         in worker threads and `run` on the model's thread, so decoding overlaps the GPU.
         """
-        prompt_errors = fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
+        prompt_errors = self._fill_questions(prompts)
         names = names or [describe(v, i) for i, v in enumerate(videos)]
-        jobs: list[Job | Exception] = []
-        for video, prompt, name in zip(videos, prompts, names):
-            try:
-                if prompt in prompt_errors:
-                    raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
-                questions = self.bank.questions_for(prompt)
-                clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
-                if clip.pathways:
-                    _log_slowfast(clip, self.engine.patch_factor)
-                jobs.append(Job(name, prompt, questions, clip, _tokens(clip, questions, self.engine.patch_factor)))
-            except Exception as err:  # one bad video fails alone; the batch goes on
-                jobs.append(_logged(err, name))
-        return jobs
+        return [self._prepare_one(video, prompt, name, prompt_errors)
+                for video, prompt, name in zip(videos, prompts, names)]
+
+    def _fill_questions(self, prompts: Sequence[str]) -> dict[str, Exception]:
+        """Ask the question generator about every new prompt, once each; the prompts it failed on."""
+        return fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
+
+    def _prepare_one(self, video, prompt: str, name: str, prompt_errors: dict, *,
+                     with_inputs: bool = False) -> Job | Exception:
+        """One video's job, or its error; `with_inputs` also runs the engine's `preprocess` (the processor)."""
+        try:
+            if prompt in prompt_errors:
+                raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
+            questions = self.bank.questions_for(prompt)
+            clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
+            if clip.pathways:
+                _log_slowfast(clip, self.engine.patch_factor)
+            preprocess = getattr(self.engine, "preprocess", None) if with_inputs else None
+            inputs = preprocess(clip) if preprocess is not None else None
+            return Job(name, prompt, questions, clip, _tokens(clip, questions, self.engine.patch_factor), inputs)
+        except Exception as err:  # one bad video fails alone; the batch goes on
+            return _logged(err, name)
+
+    def _prefetch_workers(self) -> int:
+        if self.prefetch is not None:
+            return self.prefetch
+        from finger_reward.serve.batcher import default_prepare_workers
+
+        return default_prepare_workers(self)
 
     def run(self, jobs: Sequence[Job | Exception]) -> list[VideoScore | Exception]:
         """The model half: answer and score every prepared job; errors pass through in place.
@@ -225,14 +302,17 @@ class FingerReward:
         fails, each job is retried alone, so one bad video cannot fail the others. An engine may
         also put a video's exception in that video's place in the list it returns.
         """
+        with tqdm(total=len(jobs), desc="scoring", unit="video", disable=not self.progress) as bar:
+            outcomes = self._run_jobs(jobs)
+            bar.update(len(jobs))
+        return outcomes
+
+    def _run_jobs(self, jobs: Sequence[Job | Exception]) -> list[VideoScore | Exception]:
         outcomes: list[VideoScore | Exception] = list(jobs)
         ready = [i for i, job in enumerate(jobs) if not isinstance(job, Exception)]
-        with tqdm(total=len(jobs), desc="scoring", unit="video", disable=not self.progress) as bar:
-            bar.update(len(jobs) - len(ready))
-            answers = self._answer_together([jobs[i] for i in ready])
-            for i, answer in zip(ready, answers):
-                outcomes[i] = self._score_job(jobs[i], answer)
-                bar.update()
+        answers = self._answer_together([jobs[i] for i in ready])
+        for i, answer in zip(ready, answers):
+            outcomes[i] = self._score_job(jobs[i], answer)
         return outcomes
 
     def _answer_together(self, jobs: list[Job]) -> list:
@@ -240,8 +320,12 @@ class FingerReward:
         answer_many = getattr(self.engine, "answer_many", None)
         if answer_many is None or len(jobs) < 2:
             return [None] * len(jobs)
+        clips, questions = [job.clip for job in jobs], [[q.question for q in job.questions] for job in jobs]
+        inputs = [job.inputs for job in jobs]
         try:
-            return answer_many([job.clip for job in jobs], [[q.question for q in job.questions] for job in jobs])
+            if all(x is None for x in inputs):  # engines without `preprocess` take no `inputs`
+                return answer_many(clips, questions)
+            return answer_many(clips, questions, inputs)
         except Exception as err:
             logger.warning("batch of %d videos failed (%s); answering each alone", len(jobs), err)
             return [None] * len(jobs)
@@ -251,7 +335,9 @@ class FingerReward:
             if isinstance(answers, Exception):
                 raise answers
             if answers is None:
-                answers = self.engine.answer(job.clip, [q.question for q in job.questions])
+                questions = [q.question for q in job.questions]
+                extra = () if job.inputs is None else (job.inputs,)
+                answers = self.engine.answer(job.clip, questions, *extra)
             return score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
                                aggregate=self.aggregate, weights=self.weights,
                                missing_variants=getattr(answers, "missing_variant", None))
@@ -268,6 +354,7 @@ class Job:
     questions: list[Question]
     clip: Clip
     tokens: int  # approximate prompt tokens, for token-budget batching
+    inputs: Any = None  # the engine's `preprocess(clip)`, when computed ahead of the model
 
 
 def _tokens(clip: Clip, questions: list[Question], patch_factor: int) -> int:
@@ -282,6 +369,12 @@ def _log_slowfast(clip: Clip, patch_factor: int) -> None:
     sizes = ", ".join(f"{len(p.indices)} {p.kind} at {p.frames.shape[3]}x{p.frames.shape[2]}" for p in clip.pathways)
     logger.info("%s: SlowFast %s: %d video tokens instead of %d (%.0f%% fewer)",
                 clip.name, sizes, given, plain, 100 * (1 - given / plain))
+
+
+def _as_scores(videos, prompts, outcomes, start: int = 0) -> list[VideoScore]:
+    """Outcomes with each error turned into a failed `VideoScore` (NaN scores, the error's text)."""
+    return [VideoScore.failed(describe(v, i), p, o) if isinstance(o, Exception) else o
+            for i, (v, p, o) in enumerate(zip(videos, prompts, outcomes), start=start)]
 
 
 def _logged(err: Exception, name: str) -> Exception:

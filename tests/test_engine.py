@@ -122,16 +122,17 @@ def test_gpu_bf16_matches_cpu(tiny_model_dir, clips):
 
 
 class OutOfMemoryAbove(TransformersEngine):
-    """The real engine, with CUDA out-of-memory injected whenever a batch holds more than `limit` rows."""
+    """The real engine, with CUDA out-of-memory injected whenever a forward holds more than `limit` questions."""
 
     limit = 2
     attempts: list
 
-    def _forward(self, ids, mask, positions, rope_delta, cache):
-        self.attempts.append(ids.shape[0])
-        if ids.shape[0] > self.limit:
+    def _forward(self, state, pieces):
+        questions = sum(map(len, pieces))
+        self.attempts.append(questions)
+        if questions > self.limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return super()._forward(ids, mask, positions, rope_delta, cache)
+        return super()._forward(state, pieces)
 
 
 @pytest.mark.parametrize("mode", ["answer", "reason"])

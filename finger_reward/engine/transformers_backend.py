@@ -2,14 +2,17 @@
 
 Every question about a video shares the token prefix "system turn + video" (prompts.py), and
 that prefix is almost all of the tokens. The engine encodes it once, keeps its KV cache, and
-runs all the video's questions as one batch of short suffixes on top of it (DESIGN.md, The
-engine). Text after the video takes 1-D positions that continue from the prefix's last
+appends all the video's questions to that one cache row, each seeing the prefix and its own
+tokens only (`packing`), so the prefix is neither recomputed nor copied per question (DESIGN.md,
+The engine). Text after the video takes 1-D positions that continue from the prefix's last
 position as the model's own rope index computes it, so no mrope arithmetic is done by hand.
 
 `answer_many` batches across videos as well: videos sorted by prefix length are grouped under a
 token budget, a group's prefixes are prefilled right-padded in one forward, and all the group's
-questions run as one batch of suffixes, each row over its own video's cache row. Padding is
-masked, so a video's result does not depend on the other videos in its group.
+questions run in one more, a row per video; in reason mode every question of the group then
+decodes its reason in the same steps. Padding is masked, so a video's result does not depend
+on the other videos in its group. The attention implementation must take a custom mask
+("sdpa", the default, or "eager").
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from finger_reward import prompts
+from finger_reward.engine import packing
+from finger_reward.engine.budget import auto_batch_tokens
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.scoring import answer_probs, answer_token_ids
 from finger_reward.video import Clip
@@ -54,6 +59,16 @@ class _Prefix:
         return self.mask.shape[1]
 
 
+@dataclass
+class _Packed:
+    """A group's KV cache with each video's questions appended to its row (`packing`)."""
+
+    cache: object  # transformers DynamicCache, batch = videos
+    seg: torch.Tensor  # (videos, slots): packing.PREFIX, packing.PAD or the question index of each cached slot
+    rope_delta: torch.Tensor  # (videos, 1)
+    start: int  # the slot of the first text token after the prefixes
+
+
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """CUDA with bf16 when a GPU is present, else CPU with float32; either can be overridden."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -67,8 +82,14 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 class TransformersEngine:
     """Batched Yes/No answering over a shared video prefix.
 
-    `share_prefix=False` runs the plain one-question-per-forward loop instead: slower, and kept
-    as the reference the shared path is tested and benchmarked against.
+    `max_batch_tokens` bounds the KV-cache slots of one group of videos (videos x (prefix + the
+    question tokens appended, with up to `max_new_tokens` per question in reason mode)); "auto"
+    sizes it from free CUDA memory and the model's KV cache per token (`engine.budget`), and is
+    16384 off CUDA. `compile=True` runs the model
+    through `torch.compile` (off by default: the first batches of each new shape compile).
+    On CUDA out-of-memory a batch is split and retried. `share_prefix=False` runs the plain
+    one-question-per-forward loop instead: slower, and kept as the reference the shared path is
+    tested and benchmarked against.
     """
 
     def __init__(
@@ -80,9 +101,19 @@ class TransformersEngine:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         question_batch_size: int = 32,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | str = 16384,
         share_prefix: bool = True,
+        compile: bool = False,
     ):
+        if max_batch_tokens != "auto" and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                           or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens={max_batch_tokens!r} must be a positive token count or 'auto'")
+        attention = getattr(getattr(model.config, "text_config", model.config), "_attn_implementation", None)
+        if share_prefix and attention and attention.startswith("flash"):
+            raise ValueError(
+                f"the shared-prefix engine masks attention per question, which attn_implementation={attention!r} "
+                "cannot do; load the model with attn_implementation='sdpa' (the default) or 'eager'"
+            )
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
         self.mode = prompts.check_mode(mode)
@@ -97,6 +128,11 @@ class TransformersEngine:
         # A reason never holds vision placeholders; a generated one would break the full forward's video count.
         placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
         self.suppressed = [i for i in placeholders if i is not None]
+        self._ends_with_gt: dict[int, bool] = {}
+        # The base model (vision tower + decoder, no LM head): the engine reads the head only at the
+        # tokens it needs, not over every suffix position (rows x length x vocabulary logits).
+        self._base = torch.compile(model.model, dynamic=True) if compile else model.model
+        self._head = model.get_output_embeddings()
 
     @classmethod
     def from_pretrained(cls, model_id: str, *, device=None, dtype=None, attn_implementation=None, **kw):
@@ -117,73 +153,97 @@ class TransformersEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def preprocess(self, clip: Clip) -> dict | None:
+        """The processor's prefix inputs for a clip (CPU tensors), to compute ahead of `answer`'s `inputs=`.
+
+        `FingerReward` calls this in its prefetch workers so the model thread never runs the
+        processor. The plain loop encodes whole prompts per question, so it has nothing to precompute.
+        """
+        return self._prefix_inputs(clip) if self.share_prefix else None
+
     @torch.inference_mode()
-    def answer(self, clip: Clip, questions: list[str]) -> Answers:
-        """P(Yes)/P(No) (and reasons in reason mode) for each question about one video."""
+    def answer(self, clip: Clip, questions: list[str], inputs: dict | None = None) -> Answers:
+        """P(Yes)/P(No) (and reasons in reason mode) for each question about one video.
+
+        `inputs` is this clip's `preprocess` output, if it was computed ahead.
+        """
         if not questions:
             return Answers(torch.zeros(0, 2), [] if self.mode == "reason" else None)
         if not self.share_prefix:
             return self._answer_plain(clip, questions)
-        if self.mode == "answer":
-            return self._answer_batched([clip], [questions])[0]
-        prefix = self._encode_prefixes([self._prefix_inputs(clip)])
-        probs, reasons = [], []
-        for chunk_probs, chunk_reasons in self._chunks(prefix, [self._suffix_ids(q) for q in questions]):
-            probs.append(chunk_probs)
-            reasons += chunk_reasons
-        return Answers(torch.cat(probs), reasons)
+        return self._answer_batched([clip], [questions], [inputs])[0]
 
     @torch.inference_mode()
-    def answer_many(self, clips: list[Clip], questions_per_clip: list[list[str]]) -> list[Answers]:
-        """`answer` for many videos; in answer mode, batched across videos under `max_batch_tokens`.
+    def answer_many(self, clips: list[Clip], questions_per_clip: list[list[str]],
+                    inputs: list[dict | None] | None = None) -> list[Answers]:
+        """`answer` for many videos, batched across videos under `max_batch_tokens` (both modes).
 
-        Reason mode and the plain loop answer one video after another.
+        The plain loop answers one video after another.
         """
-        if len(clips) != len(questions_per_clip):
-            raise ValueError(f"got {len(clips)} clips but {len(questions_per_clip)} question lists")
-        if self.mode == "reason" or not self.share_prefix:
+        if len(clips) != len(questions_per_clip) or (inputs is not None and len(inputs) != len(clips)):
+            raise ValueError(f"got {len(clips)} clips but {len(questions_per_clip)} question lists"
+                             + ("" if inputs is None else f" and {len(inputs)} preprocessed inputs"))
+        if not self.share_prefix:
             return [self.answer(clip, questions) for clip, questions in zip(clips, questions_per_clip)]
-        return self._answer_batched(clips, questions_per_clip)
+        return self._answer_batched(clips, questions_per_clip, inputs)
 
-    # ---- cross-video batching (answer mode) -----------------------------------------------------
+    @property
+    def batch_tokens(self) -> int:
+        """The token budget now: `max_batch_tokens`, or its value for the free memory when "auto"."""
+        return auto_batch_tokens(self.model) if self.max_batch_tokens == "auto" else self.max_batch_tokens
 
-    def _answer_batched(self, clips: list[Clip], questions_per_clip: list[list[str]]) -> list[Answers]:
+    # ---- cross-video batching -------------------------------------------------------------------
+
+    def _answer_batched(self, clips: list[Clip], questions_per_clip: list[list[str]],
+                        inputs: list[dict | None] | None = None) -> list[Answers]:
         todo = [i for i, questions in enumerate(questions_per_clip) if questions]
-        inputs = {i: self._prefix_inputs(clips[i]) for i in todo}
+        given = inputs or [None] * len(clips)
+        prefix_inputs = {i: given[i] if given[i] is not None else self._prefix_inputs(clips[i]) for i in todo}
         suffixes = {i: [self._suffix_ids(q) for q in questions_per_clip[i]] for i in todo}
-        probs = {}
-        for group in self._groups(inputs, suffixes):
-            probs.update(self._run_group(group, inputs, suffixes))
-        return [Answers(probs.get(i, torch.zeros(0, 2))) for i in range(len(clips))]
+        answers = {}
+        for group in self._groups(prefix_inputs, suffixes):
+            answers.update(self._run_group(group, prefix_inputs, suffixes))
+        none = Answers(torch.zeros(0, 2), [] if self.mode == "reason" else None)
+        return [answers.get(i, none) for i in range(len(clips))]
 
     def _groups(self, inputs: dict[int, dict], suffixes: dict[int, list[list[int]]]) -> list[list[int]]:
-        """Videos by ascending prefix length, cut into groups whose cost stays within `max_batch_tokens`.
+        """Videos by ascending prefix length, cut into groups whose cost stays within the token budget.
 
-        A group's cost is the token slots of its question pass: rows x (longest prefix + longest
-        suffix), as that cache is what grows memory. A video over the budget still runs, alone.
+        A group's cost is the slots of its grown cache: videos x (longest prefix + the most
+        question tokens any of its videos appends: suffixes, and in reason mode up to
+        `max_new_tokens` and the closing tags per question). A video over the budget still runs, alone.
         """
+        budget = self.batch_tokens
         prefix_len = {i: x["input_ids"].shape[1] for i, x in inputs.items()}
-        suffix_len = {i: max(map(len, s)) for i, s in suffixes.items()}
+        per_question = self.max_new_tokens + 8 if self.mode == "reason" else 0
+        appended = {i: sum(map(len, s)) + per_question * len(s) for i, s in suffixes.items()}
 
         def cost(group: list[int]) -> int:
-            rows = sum(len(suffixes[i]) for i in group)
-            return rows * (max(prefix_len[i] for i in group) + max(suffix_len[i] for i in group))
+            return len(group) * (max(prefix_len[i] for i in group) + max(appended[i] for i in group))
 
         groups: list[list[int]] = []
         for i in sorted(inputs, key=prefix_len.__getitem__):
-            if groups and cost(groups[-1] + [i]) <= self.max_batch_tokens:
+            if groups and cost(groups[-1] + [i]) <= budget:
                 groups[-1].append(i)
             else:
                 groups.append([i])
         return groups
 
-    def _run_group(self, group: list[int], inputs: dict, suffixes: dict) -> dict[int, torch.Tensor]:
-        """Probabilities per video of a group; on CUDA out-of-memory, split the group in halves and retry."""
+    def _run_group(self, group: list[int], inputs: dict, suffixes: dict) -> dict[int, Answers]:
+        """Answers per video of a group; on CUDA out-of-memory, split the group in halves and retry.
+
+        A lone video runs its questions in chunks of `question_batch_size`, which halve on out-of-memory.
+        """
         try:
+            prefix = self._encode_prefixes([inputs[i] for i in group])
             if len(group) == 1:
-                prefix = self._encode_prefixes([inputs[group[0]]])
-                return {group[0]: torch.cat([p for p, _ in self._chunks(prefix, suffixes[group[0]])])}
-            return self._answer_group(group, inputs, suffixes)
+                probs, reasons = [], []
+                for chunk_probs, chunk_reasons in self._chunks(prefix, suffixes[group[0]]):
+                    probs.append(chunk_probs)
+                    reasons += chunk_reasons or []
+                return {group[0]: Answers(torch.cat(probs), reasons if self.mode == "reason" else None)}
+            answers = self._answer_prefixes(prefix, [suffixes[i] for i in group])
+            return {i: Answers(probs, reasons) for i, (probs, reasons) in zip(group, answers)}
         except torch.cuda.OutOfMemoryError:
             if len(group) == 1:
                 raise
@@ -193,24 +253,13 @@ class TransformersEngine:
             logger.warning("CUDA out of memory with %d videos per batch; splitting into %d and %d", len(group), half, len(group) - half)
             return {**self._run_group(group[:half], inputs, suffixes), **self._run_group(group[half:], inputs, suffixes)}
 
-    def _answer_group(self, group: list[int], inputs: dict, suffixes: dict) -> dict[int, torch.Tensor]:
-        """One prefill of the group's prefixes, then one pass over all its questions."""
-        prefix = self._encode_prefixes([inputs[i] for i in group])
-        rows = [s for i in group for s in suffixes[i]]
-        videos = torch.tensor([k for k, i in enumerate(group) for _ in suffixes[i]], device=self.device)
-        probs = self._probs(self._extend(prefix, rows, videos)[0])
-        return dict(zip(group, probs.split([len(suffixes[i]) for i in group])))
-
     def _chunks(self, prefix: _Prefix, suffixes: list[list[int]]):
-        """Run the questions in chunks of `question_batch_size`; on CUDA out-of-memory, halve the chunk and retry."""
+        """One video's questions in chunks of `question_batch_size`; on CUDA out-of-memory, halve the chunk and retry."""
         size, start = self.question_batch_size, 0
         while start < len(suffixes):
             chunk = suffixes[start : start + size]
             try:
-                if self.mode == "answer":
-                    yield self._probs(self._extend(prefix, chunk)[0]), []
-                else:
-                    yield self._reason(prefix, chunk)
+                yield self._answer_prefixes(prefix, [chunk])[0]
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -241,7 +290,7 @@ class TransformersEngine:
             video_grid_thw=batch["video_grid_thw"], second_per_grid_ts=batch.get("second_per_grid_ts"),
             attention_mask=batch["attention_mask"],
         )
-        out = self.model(**batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        out = self._base(**batch, position_ids=position_ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         mask = batch["attention_mask"]
         last = position_ids[0, torch.arange(len(mask), device=mask.device), mask.sum(1) - 1]
@@ -250,71 +299,77 @@ class TransformersEngine:
     def _suffix_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.split.text_after_video(question), add_special_tokens=False)
 
-    def _extend(self, prefix: _Prefix, suffixes: list[list[int]], videos: torch.Tensor | None = None):
-        """Run right-padded suffixes, row i over the cache row of video `videos[i]` (see `_feed`)."""
+    def _pack(self, prefix: _Prefix) -> _Packed:
+        """A fresh cache over the prefixes (the prefix tensors themselves are never written)."""
         from transformers import DynamicCache
 
-        rows = len(suffixes)
-        if videos is None:  # one video: expand() is a view, materialised per row only when the cache grows
-            kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv]
-            mask, rope_delta = prefix.mask.expand(rows, -1), prefix.rope_delta
-        else:
-            kv = [(k.index_select(0, videos), v.index_select(0, videos)) for k, v in prefix.kv]
-            mask, rope_delta = prefix.mask[videos], prefix.rope_delta[videos]
-        start = torch.full((rows,), prefix.length, device=self.device)
-        return self._feed(DynamicCache(ddp_cache_data=kv), mask, start, rope_delta, suffixes)
+        seg = torch.where(prefix.mask.bool(), packing.PREFIX, packing.PAD)
+        return _Packed(DynamicCache(ddp_cache_data=prefix.kv), seg, prefix.rope_delta, prefix.length)
 
-    def _feed(self, cache, mask, start, rope_delta, rows: list[list[int]]):
-        """One forward of a right-padded batch of token rows appended to `cache`.
+    def _forward(self, state: _Packed, pieces: packing.Pieces) -> torch.Tensor:
+        """Append `pieces` to the packed cache in one forward; the decoder's last hidden state at each piece's end.
 
-        Row i continues at text position `start[i]`; `mask` covers the cache so far. Returns each
-        row's logits at its last real token, the grown cache, the grown mask and the next positions.
-        Left padding would shift the positions, so padding goes on the right and is masked.
+        Text after the video takes one position on all three mrope axes, counted for each question
+        from the first slot after the prefix, so every question sits where it would alone.
         """
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
-        width = int(lengths.max())
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, device=self.device)
-        offsets = torch.arange(width, device=self.device)[None]
-        mask = torch.cat([mask, (offsets < lengths[:, None]).long()], 1)
-        logits = self._forward(ids, mask, start[:, None] + offsets, rope_delta, cache)
-        last = logits[torch.arange(len(rows), device=self.device), lengths - 1]
-        return last, cache, mask, start + lengths
-
-    def _forward(self, ids, mask, positions, rope_delta, cache) -> torch.Tensor:
-        # Text tokens after the video share one position on all three mrope axes (t, h, w).
-        position_ids = (positions + rope_delta.to(positions.device))[None].expand(3, -1, -1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return out.logits
+        layout = packing.lay_out(pieces, self.pad_id)
+        ids, seg = layout.ids.to(self.device), layout.seg.to(self.device)
+        positions = (layout.offsets.to(self.device) + state.start + state.rope_delta)[None].expand(3, -1, -1)
+        mask = packing.block_mask(state.seg, seg, self.model.dtype)
+        out = self._base(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=state.cache, use_cache=True)
+        state.seg = torch.cat([state.seg, seg], 1)
+        rows, cols = (torch.tensor(x, device=self.device) for x in layout.last)
+        return out.last_hidden_state[rows, cols]
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return answer_probs(logits, self.yes_ids, self.no_ids).cpu()
 
+    def _answer_prefixes(self, prefix: _Prefix, suffixes: list[list[list[int]]]) -> list[tuple]:
+        """(P(Yes)/P(No), reasons or None) per video of `prefix` for its questions' suffix token ids."""
+        state = self._pack(prefix)
+        hidden = self._forward(state, [[(q, s, 0) for q, s in enumerate(video)] for video in suffixes])
+        counts = [len(video) for video in suffixes]
+        if self.mode == "answer":
+            return [(p, None) for p in self._probs(self._head(hidden)).split(counts)]
+        questions = [(v, q, len(s)) for v, video in enumerate(suffixes) for q, s in enumerate(video)]
+        probs, reasons = self._reason(state, questions, self._head(hidden))
+        starts = [sum(counts[:v]) for v in range(len(counts))]
+        return [(p, reasons[s : s + n]) for p, s, n in zip(probs.split(counts), starts, counts)]
+
     # ---- reason mode: decode reasons for all questions at once, then read the answer -------------
 
-    def _reason(self, prefix: _Prefix, suffixes: list[list[int]]) -> tuple[torch.Tensor, list[str]]:
-        logits, cache, mask, next_pos = self._extend(prefix, suffixes)
-        rows = len(suffixes)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        pending = [None] * rows  # a chosen token not yet fed, once a row has stopped
+    def _reason(self, state: _Packed, questions: list[tuple[int, int, int]], logits: torch.Tensor):
+        """Greedy (or sampled) reasons for all questions at once, each stopping at its own tag, then P(Yes)/P(No).
+
+        `questions` holds (video row, question index, suffix length) in video order, `logits` the
+        next-token logits after each suffix. Each step appends one token per unfinished question;
+        a question that has stopped is left out, so the others cannot change it.
+        """
+        generated: list[list[int]] = [[] for _ in questions]
+        offset = [length for _, _, length in questions]  # where each question's next token goes
+        live = [True] * len(questions)
+        chosen = self._pick(logits).tolist()
         for step in range(self.max_new_tokens):
-            tokens = self._pick(logits)
-            for i in range(rows):
-                if pending[i] is None:
-                    generated[i].append(int(tokens[i]))
-                    if self._stopped(generated[i]) or step == self.max_new_tokens - 1:
-                        pending[i] = generated[i][-1]
-            live = torch.tensor([p is None for p in pending], device=self.device)
-            if not live.any():
+            for r in range(len(questions)):
+                if live[r]:
+                    generated[r].append(chosen[r])
+                    live[r] = not (self._stopped(generated[r]) or step == self.max_new_tokens - 1)
+            running = [r for r in range(len(questions)) if live[r]]
+            if not running:
                 break
-            mask = torch.cat([mask, live.long()[:, None]], 1)
-            logits = self._forward(tokens[:, None], mask, next_pos[:, None], prefix.rope_delta, cache)[:, -1]
-            next_pos = next_pos + live.long()
-        # One more step: feed each row's last token plus whatever closes "</reason><answer>".
-        closing = [self._closing_ids(g) for g in generated]
-        last = self._feed(cache, mask, next_pos, prefix.rope_delta, closing)[0]
+            pieces: packing.Pieces = [[] for _ in range(state.seg.shape[0])]
+            for r in running:  # video-major, as `questions`: the forward returns them in this order
+                v, q, _ = questions[r]
+                pieces[v].append((q, generated[r][-1:], offset[r]))
+                offset[r] += 1
+            for r, token in zip(running, self._pick(self._head(self._forward(state, pieces))).tolist()):
+                chosen[r] = token
+        # One more step: feed each question's last token plus whatever closes "</reason><answer>".
+        pieces = [[] for _ in range(state.seg.shape[0])]
+        for r, (v, q, _) in enumerate(questions):
+            pieces[v].append((q, self._closing_ids(generated[r]), offset[r]))
+        last = self._head(self._forward(state, pieces))
         reasons = [extract_reason(self.tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
         return self._probs(last), reasons
 
@@ -327,8 +382,15 @@ class TransformersEngine:
     def _stopped(self, ids: list[int]) -> bool:
         if ids[-1] in self.eos_ids:
             return True
+        if not self._ends_tag(ids[-1]):  # both stop tags end in ">": skip decoding the tail otherwise
+            return False
         tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
         return tail.endswith(prompts.REASON_CLOSE) or tail.endswith(prompts.ANSWER_OPEN)
+
+    def _ends_tag(self, token: int) -> bool:
+        if token not in self._ends_with_gt:
+            self._ends_with_gt[token] = self.tokenizer.decode([token], skip_special_tokens=False).endswith(">")
+        return self._ends_with_gt[token]
 
     def _closing_ids(self, generated: list[int]) -> list[int]:
         """Tokens to feed after the reason so the next token is the answer."""
