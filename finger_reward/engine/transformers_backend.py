@@ -26,7 +26,7 @@ import torch
 from finger_reward import prompts
 from finger_reward.engine import packing
 from finger_reward.engine.budget import auto_batch_tokens
-from finger_reward.engine.inputs import patch_factor, processor_inputs
+from finger_reward.engine.inputs import patch_factor, placeholder_token_ids, processor_inputs
 from finger_reward.scoring import answer_probs, answer_token_ids
 from finger_reward.video import Clip
 
@@ -126,8 +126,7 @@ class TransformersEngine:
         self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.eos_ids |= {self.tokenizer.eos_token_id} - {None}
         # A reason never holds vision placeholders; a generated one would break the full forward's video count.
-        placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
-        self.suppressed = [i for i in placeholders if i is not None]
+        self.suppressed = placeholder_token_ids(processor)
         self._ends_with_gt: dict[int, bool] = {}
         # The base model (vision tower + decoder, no LM head): the engine reads the head only at the
         # tokens it needs, not over every suffix position (rows x length x vocabulary logits).
