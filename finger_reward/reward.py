@@ -228,19 +228,21 @@ class FingerReward:
             raise BatchError(failures, results)
         return results
 
-    def score_iter(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> Iterator[list[VideoScore]]:
-        """`score` chunk by chunk: each chunk's results, in order, as soon as the model has them.
+    def score_iter(self, videos: Sequence[Any], prompts: Sequence[str] | str, *,
+                   chunk_size: int | None = None) -> Iterator[list[VideoScore]]:
+        """`score` chunk by chunk (`chunk_size` videos, default the reward's): each chunk's results,
+        in order, as soon as the model has them, the next chunk decoding meanwhile.
 
         A failed video is a `VideoScore` with NaN scores and its `error`, whatever `on_error` says,
         so a long run can write results as it goes. `stats` grows as the chunks come.
         """
         videos, prompts = pair_videos_prompts(videos, prompts)
         done = 0
-        for outcomes in self._outcomes(videos, prompts):
+        for outcomes in self._outcomes(videos, prompts, chunk_size or self.chunk_size):
             yield _as_scores(videos[done:], prompts[done:], outcomes, start=done)
             done += len(outcomes)
 
-    def _outcomes(self, videos: list, prompts: list[str]) -> Iterator[list[VideoScore | Exception]]:
+    def _outcomes(self, videos: list, prompts: list[str], chunk_size: int | None = None) -> Iterator[list[VideoScore | Exception]]:
         """Each chunk's scores or errors, through the prefetch pipeline, with the progress bar and `stats`."""
         prompt_errors = self._fill_questions(prompts)
         names = [describe(v, i) for i, v in enumerate(videos)]
@@ -251,7 +253,7 @@ class FingerReward:
 
         self.stats = PipelineStats()
         with tqdm(total=len(videos), desc="scoring", unit="video", disable=not self.progress, mininterval=0) as bar:
-            for outcomes in pipeline(items, prepare, self._run_jobs, chunk_size=self.chunk_size,
+            for outcomes in pipeline(items, prepare, self._run_jobs, chunk_size=chunk_size or self.chunk_size,
                                      workers=self._prefetch_workers(), timeout=self.decode_timeout,
                                      label=names.__getitem__, stats=self.stats):
                 yield outcomes

@@ -64,12 +64,24 @@ def score_to_file(reward, keys: list[Key], path: str | Path, *, chunk: int = 16,
 
     done, todo = pending(keys, path)
     with tqdm(total=len(todo), desc=desc, unit="video") as bar, Path(path).open("a", encoding="utf-8") as out:
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            results = reward.score([video for video, _ in batch], [prompt for _, prompt in batch])
+        for batch, results in _chunks(reward, todo, chunk):
             for key, result in zip(batch, results):
                 done[key] = result
                 append_result(out, result)
             out.flush()
             bar.update(len(batch))
     return done
+
+
+def _chunks(reward, todo: list[Key], chunk: int):
+    """(keys, results) per chunk: through `score_iter` (the next chunk decodes while the model runs)
+    where the reward has it, else one `score` call per chunk (a service client)."""
+    if hasattr(reward, "score_iter"):
+        start = 0
+        for results in reward.score_iter([v for v, _ in todo], [p for _, p in todo], chunk_size=chunk):
+            yield todo[start: start + len(results)], results
+            start += len(results)
+        return
+    for start in range(0, len(todo), chunk):
+        batch = todo[start: start + chunk]
+        yield batch, reward.score([video for video, _ in batch], [prompt for _, prompt in batch])

@@ -177,6 +177,22 @@ def test_score_iter_yields_each_chunk_in_order(tiny_model_and_processor, mp4_pat
     assert [r.overall for r in first + [last]] == pytest.approx([r.overall for r in whole], abs=1e-5, nan_ok=True)
 
 
+def test_score_to_file_streams_chunks_through_the_pipeline(tiny_model_and_processor, mp4_paths, questions, tmp_path):
+    from finger_reward.scorefile import load_scores, score_to_file
+
+    engine = TransformersEngine(*tiny_model_and_processor)
+    reward = RecordingReward(engine, questions=questions, prefetch=1, chunk_size=16)
+    keys = [(str(p), PROMPT) for p in mp4_paths] + [("missing.mp4", PROMPT)]
+    results = score_to_file(reward, keys, tmp_path / "r.jsonl", chunk=2)
+    # The file's chunk size wins over the reward's, and chunk 2 was decoding before chunk 1 reached the model.
+    assert [e[1] for e in reward.events if e[0] == "run"] == [[str(mp4_paths[0]), str(mp4_paths[1])],
+                                                             [str(mp4_paths[2]), "error"]]
+    first_run = next(i for i, e in enumerate(reward.events) if e[0] == "run")
+    assert ("prepare", str(mp4_paths[2])) in reward.events[:first_run]
+    assert set(load_scores(tmp_path / "r.jsonl")) == set(keys) == set(results)
+    assert "file not found" in results[("missing.mp4", PROMPT)].error
+
+
 def test_score_decode_timeout_fails_only_that_video(tiny_model_and_processor, mp4_paths, questions):
     engine = TransformersEngine(*tiny_model_and_processor)
     hung = str(mp4_paths[1])

@@ -220,6 +220,7 @@ def sft_config(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
         eval_steps=(recipe.eval_steps or recipe.save_steps) if has_eval else None,
         gradient_checkpointing=recipe.gradient_checkpointing,
         dataloader_num_workers=recipe.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator
         report_to=recipe.report_to,
         # The collator builds input_ids, labels and video tensors from the raw rows: keep every
         # column, skip TRL's text preparation and truncation (cutting video tokens breaks the model).
