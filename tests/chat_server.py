@@ -26,14 +26,11 @@ class Slow:
     text: str
 
 
-class ChatServer:
-    """Start with `with ChatServer(scripts) as server:`; `server.url` is the OpenAI-style base URL."""
+class LoopbackServer:
+    """A ThreadingHTTPServer on 127.0.0.1 at a free port, served from a daemon thread inside `with`."""
 
-    def __init__(self, scripts: dict[str, list], default: str = "I am not sure what you mean."):
-        self.scripts, self.default = scripts, default
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+    def _listen(self, handler: type) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self):
@@ -43,6 +40,36 @@ class ChatServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """Quiet request handler that answers with JSON."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code, payload, headers=None):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and left
+
+
+class ChatServer(LoopbackServer):
+    """Start with `with ChatServer(scripts) as server:`; `server.url` is the OpenAI-style base URL."""
+
+    def __init__(self, scripts: dict[str, list], default: str = "I am not sure what you mean."):
+        self.scripts, self.default = scripts, default
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self._listen(self._handler())
 
     def count(self, prompt: str) -> int:
         return sum(r["prompt"] == prompt for r in self.requests)
@@ -57,10 +84,7 @@ class ChatServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self):
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
@@ -78,18 +102,5 @@ class ChatServer:
                          "choices": [{"index": 0, "finish_reason": "stop",
                                       "message": {"role": "assistant", "content": step}}]}
                 self._send(200, reply)
-
-            def _send(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
 
         return Handler

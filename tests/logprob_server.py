@@ -18,16 +18,15 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
 
 from finger_reward.engine.transformers_backend import _append_text_tokens
-from tests.chat_server import Status
+from tests.chat_server import JSONHandler, LoopbackServer, Status
 
 
-class LogprobServer:
+class LogprobServer(LoopbackServer):
     """Start with `with LogprobServer(model, processor) as server:`; `server.url` is the OpenAI-style base URL."""
 
     def __init__(self, model, processor, *, failures: dict[str, list] | None = None, delay: float = 0.0,
@@ -37,16 +36,7 @@ class LogprobServer:
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock, self.model_lock = threading.Lock(), threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(self._handler())
 
     def count(self, question: str) -> int:
         return sum(r["question"] == question for r in self.requests)
@@ -154,10 +144,7 @@ class LogprobServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self):
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
@@ -183,18 +170,5 @@ class LogprobServer:
                 if int(body.get("top_logprobs") or 0) > len(server.tokenizer):
                     return 400, {"error": {"message": "top_logprobs exceeds the vocabulary"}}, {}
                 return 200, server.complete(body), {}
-
-            def _send(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         return Handler
