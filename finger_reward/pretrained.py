@@ -38,8 +38,10 @@ def scoring_defaults(model: Any) -> dict:
         values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise FingerError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise FingerError(f"{path}: expected an object with keys among {SCORING_KEYS}, got {type(values).__name__}")
     unknown = set(values) - set(SCORING_KEYS)
-    if not isinstance(values, dict) or unknown:
+    if unknown:
         raise FingerError(f"{path}: expected an object with keys among {SCORING_KEYS}, got {sorted(unknown)}")
     return values
 

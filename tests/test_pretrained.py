@@ -47,3 +47,9 @@ def test_tiny_names_the_shipped_evaluator_unless_a_local_path_is_called_tiny(tmp
     (tmp_path / "tiny").mkdir()
     assert pretrained.resolve("tiny") == "tiny"
     assert pretrained.resolve("org/model") == "org/model"
+
+
+def test_a_settings_file_that_is_not_an_object_is_named(checkpoint):
+    (checkpoint / pretrained.SCORING_FILE).write_text("[1, 2]")
+    with pytest.raises(FingerError, match="expected an object.*got list"):
+        FingerReward.from_pretrained(checkpoint)

@@ -53,7 +53,7 @@ def test_shipped_evaluator_writes_well_formed_completions(fresh_world):
     assert free["format"] >= 0.95 and free["acc"] >= 0.85, free
 
 
-def test_shipped_figures_are_the_recipes(tmp_path):
+def test_shipped_figures_are_the_recipes():
     summary = json.loads((pretrained.TINY_EVALUATOR / "training_summary.json").read_text())
     assert summary["base"]["overall"]["acc"] < 0.7  # a random model is near chance
     assert summary["grpo"]["overall"]["acc"] >= 0.85

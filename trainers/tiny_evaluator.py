@@ -24,7 +24,7 @@ from pathlib import Path
 
 from finger_reward import synthetic
 from finger_reward.evaluation.heldout import evaluate_instruct, write_eval
-from finger_reward.pretrained import SCORING_FILE, TINY_EVALUATOR, write_scoring_defaults
+from finger_reward.pretrained import SCORING_FILE, TINY_EVALUATOR
 from finger_reward.tiny import make_tiny_model
 
 # The clips the evaluator learns from and is tested on: 8 frames at 2 fps, so sampling at the
@@ -62,7 +62,6 @@ def train_tiny_evaluator(out: str | Path, *, train_scenes: int = 60, clips_per_s
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     base = make_tiny_model(out / "base")
-    write_scoring_defaults(base, mode="reason", fps=CLIP["fps"])
     train = synthetic.make_world(out / "train", num_scenes=train_scenes, clips_per_scene=clips_per_scene,
                                  balanced=True, seed=TRAIN_SEED, progress=True, **CLIP)
     heldout = synthetic.make_world(out / "heldout", num_scenes=heldout_scenes, seed=HELDOUT_SEED, progress=True, **CLIP)
@@ -83,13 +82,17 @@ def train_tiny_evaluator(out: str | Path, *, train_scenes: int = 60, clips_per_s
 
     summary = {"seconds": {k: round(v, 1) for k, v in seconds.items()},
                "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}",
-               "train_clips": len(train.clips), "train_records": sum(1 for _ in train.instruct_path.open()),
-               "heldout_records": sum(1 for _ in heldout.instruct_path.open())}
+               "train_clips": len(train.clips), "train_records": _lines(train.instruct_path),
+               "heldout_records": _lines(heldout.instruct_path)}
     for stage in ("base", "sft", "grpo"):
         summary[stage] = json.loads((out / stage / "eval.json").read_text())["dimensions"]
         summary[stage]["free_completions"] = free_completion_rewards(out / stage, heldout.instruct_path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
 
 
 def free_completion_rewards(model_dir: str | Path, heldout_jsonl: str | Path, *, limit: int = 200) -> dict:
