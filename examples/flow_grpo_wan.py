@@ -18,8 +18,8 @@ Real size: FingER on its own GPU (or machine), the trainer on another:
     finger-reward serve --model path/to/finger-model --host 0.0.0.0 --port 8000 --token T
     # on the training machine (prompts.txt: one prompt per line)
     FINGER_REWARD_TOKEN=T accelerate launch -m finger_reward.trainers.flow_grpo \\
-        --config configs/flow_grpo_wan.yaml prompts=prompts.txt reward_url=http://host:8000 \\
-        output_dir=runs/flow_grpo_wan
+        --config configs/flow_grpo_wan.yaml --prompts prompts.txt --reward_url http://host:8000 \\
+        --output_dir runs/flow_grpo_wan
 
 or this script against that service with the real pipeline:
 

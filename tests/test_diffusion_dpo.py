@@ -172,6 +172,23 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(trained, wan_
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_the_gpu_starts_at_ln2_and_keeps_lora_weights_float32(wan_dir, pairs_file, tmp_path):
+    """The shipped recipe's precision: frozen weights in bf16 (VAE float32), LoRA float32, bf16 autocast."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(wan_dir, dtype={"default": torch.bfloat16, "vae": torch.float32})
+    recipe = DPORecipe(pretrained_model=str(wan_dir), pairs_file=str(pairs_file), output_dir=str(tmp_path / "out"),
+                       learning_rate=1e-2, max_steps=4, save_steps=0, **{**TINY, "mixed_precision": "bf16"})
+    losses = [record["loss"] for record in train(recipe, pipe=pipe)["history"]]
+    assert pipe.transformer.device.type == "cuda"
+    assert losses[0] == pytest.approx(LN2, abs=1e-3) and all(math.isfinite(loss) for loss in losses)
+    lora = {p.dtype for name, p in pipe.transformer.named_parameters() if "lora_" in name}
+    frozen = {p.dtype for name, p in pipe.transformer.named_parameters() if "lora_" not in name}
+    assert lora == {torch.float32} and torch.bfloat16 in frozen
+
+
 def test_cli_with_the_yaml_recipe_and_overrides(wan_dir, pairs_file, tmp_path):
     """One optimizer step of two accumulated micro-steps, gradient checkpointing on, pipeline loaded from its folder."""
     out = tmp_path / "cli"

@@ -10,6 +10,7 @@ import torch
 
 from finger_reward import FingerReward
 from finger_reward.integrations.diffusers import pipeline_videos
+from finger_reward.recipes import parse_recipe
 from finger_reward.serve import ServeConfig
 from finger_reward.serve.local import LocalServer
 from finger_reward.tiny_wan import make_tiny_wan_pipeline
@@ -172,8 +173,26 @@ def test_recipe_from_the_wan_yaml_with_overrides(tmp_path):
         FlowGRPORecipe.from_yaml(CONFIG, prompts="p", output_dir="o", reward_model="m", reward_url="http://x")
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", group_size=1)
+    with pytest.raises(ValueError, match="learning_rate must be a number, got 'fast'"):
+        FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", learning_rate="fast")
     with pytest.raises(ValueError, match="4k \\+ 1"):
         FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", num_frames=8)
+
+
+def test_recipe_flags_win_over_the_yaml_as_in_trl(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("prompts: p.txt\noutput_dir: out\nreward_model: m\nlearning_rate: 1e-4\nmixed_precision: no\n"
+                      "dimension_weights: {visual_quality: 1, text_alignment: 2}\n")
+    recipe = parse_recipe(FlowGRPORecipe, ["--config", str(config), "--group_size", "16", "--learning_rate", "3e-5"])
+    assert (recipe.group_size, recipe.learning_rate, recipe.mixed_precision) == (16, 3e-5, "no")
+    assert recipe.dimension_weights == {"visual_quality": 1, "text_alignment": 2}
+    flags = ["--config", str(config), "--dimension_weights", '{"text_alignment": 3}']
+    assert parse_recipe(FlowGRPORecipe, flags).dimension_weights == {"text_alignment": 3}
+    with pytest.raises(ValueError, match="dimension_weights must be a JSON object"):
+        parse_recipe(FlowGRPORecipe, ["--config", str(config), "--dimension_weights", "text_alignment=3"])
+    config.write_text(config.read_text() + "grop_size: 4\n")
+    with pytest.raises(ValueError, match="grop_size"):
+        parse_recipe(FlowGRPORecipe, ["--config", str(config)])
 
 
 # ---- the loop on the tiny pipeline ---------------------------------------------------------------
@@ -277,6 +296,29 @@ def test_saved_lora_loads_into_the_pipeline(run, files):
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_the_gpu_samples_scores_and_updates(files, tiny_model_dir, tmp_path):
+    """The shipped precision: frozen weights bf16 (VAE float32), LoRA and the SDE math float32, bf16 autocast."""
+    pipe = load_pipeline(str(files["pipeline"]), torch.bfloat16)
+    recipe = FlowGRPORecipe(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
+                            output_dir=str(tmp_path / "bf16"), max_steps=2, **{**TINY, "mixed_precision": "bf16"})
+    seen = {}
+
+    def on_rollouts(step, rollouts):
+        with torch.autocast(pipe.transformer.device.type, dtype=torch.bfloat16):
+            seen[step] = [(r.log_probs, rollout_log_probs(pipe.transformer, r)) for r in rollouts]
+
+    history = train(recipe, pipe=pipe, on_rollouts=on_rollouts)
+    assert pipe.transformer.device.type == "cuda" and len(history) == 2
+    assert all(math.isfinite(h[key]) for h in history for key in ("reward_mean", "kl", "policy_loss", "grad_norm"))
+    for recorded, recomputed in seen[1]:
+        assert recorded.dtype == torch.float32 and torch.isfinite(recorded).all()
+        torch.testing.assert_close(recomputed.float(), recorded, atol=5e-2, rtol=0)  # bf16 rounding only
+    lora = {p.dtype for name, p in pipe.transformer.named_parameters() if "lora_" in name}
+    assert lora == {torch.float32}
+
+
 def test_service_rewards_match_local_scores(files, tiny_model_dir):
     """reward_url: a real FingER service scores each group (in a thread, while the next group is sampled)."""
     reward = FingerReward.from_pretrained(tiny_model_dir)
@@ -297,7 +339,8 @@ def test_cli_runs_the_recipe(files, tiny_model_dir, tmp_path):
     overrides = {**TINY, "pipeline": str(files["pipeline"]), "prompts": str(files["prompts"]),
                  "reward_model": str(tiny_model_dir), "output_dir": str(tmp_path / "cli"), "max_steps": 1,
                  "gradient_checkpointing": False}
-    history = main(["--config", str(CONFIG), *[f"{k}={v}" for k, v in overrides.items()]])
+    flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    history = main(["--config", str(CONFIG), *flags])
     assert len(history) == 1 and math.isfinite(history[0]["reward_mean"])
     saved = json.loads((tmp_path / "cli" / "recipe.json").read_text())
     assert saved["group_size"] == 2 and saved["mixed_precision"] == "no" and "reward_token" not in saved

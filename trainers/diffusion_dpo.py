@@ -44,8 +44,9 @@ import json
 import logging
 import math
 import sys
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from finger_reward.errors import VideoError
+from finger_reward.recipes import from_yaml, undo_yaml_coercion, parse_recipe
 from finger_reward.trainers.flow_matching import (
     add_lora,
     add_noise,
@@ -142,9 +144,7 @@ class DPORecipe:
     report_to: str = field(default="none", metadata={"help": "accelerate tracker: none, tensorboard, wandb, ..."})
 
     def __post_init__(self):
-        for f in fields(self):  # YAML reads 1e-5 as a string; take numbers written either way
-            if f.type in ("float", "int") and isinstance(getattr(self, f.name), str):
-                setattr(self, f.name, (float if f.type == "float" else int)(getattr(self, f.name)))
+        undo_yaml_coercion(self)
         if self.num_frames < 1 or self.num_frames % 4 != 1:
             raise ValueError(f"num_frames={self.num_frames} must be 4k + 1 (Wan's VAE compresses time 4x after "
                              "the first frame): use e.g. 5, 33, 49 or 81")
@@ -166,20 +166,7 @@ class DPORecipe:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "DPORecipe":
         """Fields from a flat YAML file (unknown keys are an error naming the valid ones), then `overrides`."""
-        return cls(**{**read_yaml(path), **overrides})
-
-
-def read_yaml(path: str | Path) -> dict:
-    import yaml
-
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a flat mapping of DPORecipe fields, got {type(values).__name__}")
-    known = {f.name for f in fields(DPORecipe)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    return values
+        return from_yaml(cls, path, **overrides)
 
 
 # ---- data: pairs -> cached latents -------------------------------------------------------------
@@ -341,6 +328,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
     history = []
     progress = tqdm(range(1, recipe.max_steps + 1), desc="diffusion-dpo", disable=not main_process)
     for step in progress:
+        start = time.perf_counter()
         step_metrics = []
         for _ in range(recipe.gradient_accumulation_steps):
             items = [cache[i] for i in next(order)]
@@ -362,7 +350,8 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
             step_metrics.append(torch.stack(list(metrics.values())))
         warmup.step()
         values = accelerator.reduce(torch.stack(step_metrics).mean(0).to(accelerator.device), reduction="mean")
-        record = {"step": step, "lr": warmup.get_last_lr()[0], **dict(zip(metrics, values.tolist()))}
+        record = {"step": step, "lr": warmup.get_last_lr()[0], **dict(zip(metrics, values.tolist())),
+                  "time/step_s": time.perf_counter() - start}
         history.append(record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_accuracy']:.2f}")
         if step % recipe.logging_steps == 0 or step == recipe.max_steps:
@@ -386,18 +375,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> DPORecipe:
     """DPORecipe from `--config YAML` (optional) and `--field value` flags, which win over the YAML."""
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    config = pre.parse_known_args(argv)[0].config
-    parser = HfArgumentParser(DPORecipe, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="flat YAML whose keys are the fields below (configs/dpo_wan.yaml)")
-    if config is not None:
-        parser.set_defaults(**read_yaml(config))
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+    return parse_recipe(DPORecipe, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

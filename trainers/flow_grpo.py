@@ -22,34 +22,38 @@ Launch (one GPU; with N GPUs use `accelerate launch --num_processes N`: each pro
 own `prompts_per_step` groups, gradients are averaged):
 
     accelerate launch -m finger_reward.trainers.flow_grpo --config configs/flow_grpo_wan.yaml \\
-        prompts=prompts.txt reward_model=path/to/finger-model output_dir=runs/flow_grpo_wan
+        --prompts prompts.txt --reward_model path/to/finger-model --output_dir runs/flow_grpo_wan
 
     # or score through a FingER service on other GPUs (token from FINGER_REWARD_TOKEN):
     finger-reward serve --model path/to/finger-model --host 0.0.0.0 --token <secret>
     accelerate launch -m finger_reward.trainers.flow_grpo --config configs/flow_grpo_wan.yaml \\
-        prompts=prompts.txt reward_model=null reward_url=http://10.0.0.5:8000 output_dir=runs/flow_grpo_wan
+        --prompts prompts.txt --reward_url http://10.0.0.5:8000 --output_dir runs/flow_grpo_wan
+
+Every field of `FlowGRPORecipe` is a flag (`--group_size 16`, `--dimension_weights '{"text_alignment": 2}'`);
+flags win over the YAML, as in TRL's scripts.
 
 The LoRA loads back with `WanPipeline.from_pretrained(base).load_lora_weights(output_dir)`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import random
+import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
     add_lora, decode_latents, encode_prompts, lora_parameters, per_sample, predict_velocity, save_lora,
 )
@@ -192,7 +196,8 @@ class FlowGRPORecipe:
     reward_url: str | None = _opt(None, "FingER service URL, instead of reward_model")
     reward_token: str | None = _opt(None, "service bearer token (default: env FINGER_REWARD_TOKEN)")
     reward_device: str | None = _opt(None, "device of the in-process FingER model (default: the trainer's)")
-    dimension_weights: dict[str, float] | None = _opt(None, "Eq. 4 weights per FingER dimension (default: overall)")
+    dimension_weights: dict[str, float] | str | None = _opt(
+        None, 'Eq. 4 weights per FingER dimension, e.g. {"text_alignment": 2} (default: overall)')
     group_size: int = _opt(8, "videos per prompt (G)")
     prompts_per_step: int = _opt(2, "groups sampled per step and process")
     num_inference_steps: int = _opt(10, "SDE sampling steps (all are trained on)")
@@ -219,10 +224,9 @@ class FlowGRPORecipe:
     logging_steps: int = _opt(1, "log metrics every this many steps")
 
     def __post_init__(self):
-        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
-            self.mixed_precision = "no"
-        for name in ("noise_level", "learning_rate", "clip_range", "beta", "std_floor", "max_grad_norm"):
-            setattr(self, name, _as_float(name, getattr(self, name)))
+        undo_yaml_coercion(self)
+        if isinstance(self.dimension_weights, str):  # --dimension_weights '{"visual_quality": 2}'
+            self.dimension_weights = _json_mapping("dimension_weights", self.dimension_weights)
         missing = [name for name in ("prompts", "output_dir") if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{' and '.join(missing)} must be set (prompts: a text file with one prompt per line; "
@@ -251,29 +255,20 @@ class FlowGRPORecipe:
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides) -> "FlowGRPORecipe":
         """Fields from a flat YAML file, then `overrides` (unknown keys are an error naming the valid ones)."""
-        import yaml
-
-        values = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}) if path is not None else {}
-        values.update(overrides)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path or 'overrides'}: unknown key(s) {', '.join(unknown)}; "
-                             f"valid keys: {', '.join(sorted(known))}")
-        return cls(**values)
+        return from_yaml(cls, path, **overrides)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "reward_token"}  # no secrets in saved recipes
 
 
-def _as_float(name: str, value) -> float:
-    """YAML reads 1e-4 (no dot) as a string; accept it, and ints, as floats."""
+def _json_mapping(name: str, text: str) -> dict:
     try:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name} must be a JSON object such as '{{\"visual_quality\": 2}}', got {text!r}: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object mapping dimension to weight, got {text!r}")
+    return value
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -554,11 +549,14 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     try:
         for step in progress:
             chosen = [prompts[choose.randrange(len(prompts))] for _ in range(recipe.prompts_per_step)]
+            start = time.perf_counter()
             rollouts = collect_rollouts(pipe, policy, scorer, chosen, recipe, generator, accelerator.autocast)
             metrics = {"step": step, **rollout_metrics(rollouts, recipe.std_floor)}
             if on_rollouts is not None:
                 on_rollouts(step, rollouts)
+            sampled = time.perf_counter()
             metrics.update(policy_update(accelerator, policy, optimizer, rollouts, recipe, generator))
+            metrics.update({"time/rollout_s": sampled - start, "time/update_s": time.perf_counter() - sampled})
             history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl']:.2e}")
             if accelerator.is_main_process:
@@ -576,27 +574,9 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     return history
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as YAML (4, 0.5, null, true, "text")."""
-    import yaml
-
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=10)")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    parser = argparse.ArgumentParser(description="Flow-GRPO with FingER rewards for Wan text-to-video (LoRA).",
-                                     epilog="Launch commands: see the module docstring (finger_reward.trainers.flow_grpo).")
-    parser.add_argument("--config", help="flat YAML of FlowGRPORecipe fields (e.g. configs/flow_grpo_wan.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields that win over the YAML")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    return train(FlowGRPORecipe.from_yaml(args.config, **parse_overrides(args.overrides)))
+    return train(parse_recipe(FlowGRPORecipe, argv))
 
 
 if __name__ == "__main__":
