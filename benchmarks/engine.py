@@ -17,7 +17,6 @@ achieved TFLOP/s (estimated FLOPs / time, `estimate_flops`) and, on a known GPU 
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from finger_reward import FingerReward, Question
 from finger_reward.engine import TransformersEngine, default_device_dtype
 from finger_reward.synthetic import DEFECTS, questions_for, random_scene, render, write_video
 from finger_reward.tiny import SPECIAL_TOKENS, build_model, build_processor
+from measure import device_name, peak_mb, peak_reset
 
 # Random-weight configurations. "small" keeps the 7B's proportions (MLP 5.3x hidden, grouped KV
 # heads, a vision tower costing about a third of the decoder's prefill) at a size a CPU runs.
@@ -99,25 +99,6 @@ class Run:
     wait_share: float
     p_yes: list[float]
     flops: float
-
-
-def peak_reset(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # never reset: the process's peak
 
 
 def timed_score(reward: FingerReward, paths, prompts, device) -> tuple[float, float, list]:
@@ -269,12 +250,6 @@ def report(mode: str, runs: dict[str, Run], plain_videos: int, shape, peak: floa
         line += f" ({100 * run.flops / 1e12 / peak:4.1f}% of {peak:g} bf16 peak)" if peak else ""
         print(line)
     print(f"  engine / plain: {engine.videos_per_s / plain.videos_per_s:.2f}x")
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

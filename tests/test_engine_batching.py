@@ -281,6 +281,19 @@ def test_compiled_engine_equals_eager(tiny_model_dir, clips, questions):
         torch.testing.assert_close(got.probs, want.probs, atol=1e-3, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_budget_on_the_gpu_reads_free_memory_and_changes_no_answer(tiny_model_dir, clips, questions):
+    """The budget comes from free CUDA memory (not the CPU fallback); answers equal one video at a time (bf16)."""
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), max_batch_tokens="auto")
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    kv, activation = budget.slot_bytes(engine.model.config, 2)
+    assert engine.batch_tokens == budget.batch_tokens_for_memory(free, kv, activation) != budget.DEFAULT_BATCH_TOKENS
+    alone = [engine.answer_many([clip], [qs])[0] for clip, qs in zip(clips, questions)]
+    for got, want in zip(engine.answer_many(clips, questions), alone):
+        torch.testing.assert_close(got.probs, want.probs, atol=2e-2, rtol=0)
+
+
 def _group_inputs(engine, clips, questions):
     inputs = {i: engine._prefix_inputs(clip) for i, clip in enumerate(clips)}
     suffixes = {i: [engine._suffix_ids(q) for q in qs] for i, qs in enumerate(questions)}

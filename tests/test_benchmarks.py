@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end on their tiny configurations (the GPU figures come from the same code)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_engine_benchmark_matches_the_plain_loop_and_reports_a_ratio():
+    out = run_script("engine.py", "--config", "tiny", "--videos", "2", "--size", "64", "--seconds", "2")
+    gaps = [float(g) for g in re.findall(r"max \|dP\(Yes\)\| engine vs plain = ([0-9.e+-]+)", out)]
+    ratios = [float(r) for r in re.findall(r"engine / plain: ([0-9.]+)x", out)]
+    assert len(gaps) == 2 and max(gaps) < 1e-4, out
+    assert len(ratios) == 2 and min(ratios) > 1, out  # packed questions beat one forward per question even here
+
+
+@pytest.mark.slow
+def test_diffusers_loops_benchmark_reports_step_time_and_memory():
+    out = run_script("diffusers_loops.py", "--config", "tiny", "--steps", "2")
+    for loop in ("diffusion-dpo", "flow-grpo"):
+        line = next((line for line in out.splitlines() if line.startswith(f"{loop}:")), None)
+        assert line is not None, out
+        first, steady = re.search(r"first step ([0-9.]+) s, then ([0-9.]+) s/step", line).groups()
+        peak = float(re.search(r"peak memory ([0-9.]+) GiB", line).group(1))
+        assert float(first) > 0 and float(steady) > 0 and peak > 0, line
+    assert "sampling+scoring" in out and "8 pair(s)/step" in out
+
+
+def test_the_large_configs_refuse_to_run_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "diffusers_loops.py"), "--config", "wan1.3b"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
