@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from finger_reward import prompts
 from finger_reward.chat_http import RetryPolicy, apost_json, auth_headers, resolve_endpoint
 from finger_reward.engine.top_logprobs import answer_from_top_logprobs
-from finger_reward.engine.transformers_backend import Answers, extract_reason
+from finger_reward.engine.reasoning import closing_tags, extract_reason
+from finger_reward.engine.transformers_backend import Answers
 from finger_reward.errors import FingerError
 from finger_reward.video import PATCH_FACTOR, Clip
 
@@ -232,11 +233,9 @@ def closing(text: str, matched_stop) -> str:
     after `</reason>`, running out of tokens or an end-of-turn token, `</reason><answer>` follows.
     Text that still ends with a stop string needs only what is missing.
     """
-    if text.endswith(prompts.ANSWER_OPEN):
-        return ""
-    if text.endswith(prompts.REASON_CLOSE) or matched_stop == prompts.ANSWER_OPEN:
+    if matched_stop == prompts.ANSWER_OPEN and not text.endswith(prompts.ANSWER_OPEN):
         return prompts.ANSWER_OPEN
-    return prompts.REASON_CLOSE + prompts.ANSWER_OPEN
+    return closing_tags(text)
 
 
 def chat_messages(question: str, mode: str, clip: Clip, video_urls: list[str]) -> list[dict]:

@@ -10,15 +10,14 @@ position as the model's own rope index computes it, so no mrope arithmetic is do
 `answer_many` batches across videos as well: videos sorted by prefix length are grouped under a
 token budget, a group's prefixes are prefilled right-padded in one forward, and all the group's
 questions run in one more, a row per video; in reason mode every question of the group then
-decodes its reason in the same steps. Padding is masked, so a video's result does not depend
-on the other videos in its group. The attention implementation must take a custom mask
-("sdpa", the default, or "eager").
+decodes its reason in the same steps (`reasoning`). Padding is masked, so a video's result does
+not depend on the other videos in its group. The attention implementation must take a custom
+mask ("sdpa", the default, or "eager").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +25,12 @@ import torch
 from finger_reward import prompts
 from finger_reward.engine import packing
 from finger_reward.engine.budget import auto_batch_tokens
-from finger_reward.engine.inputs import patch_factor, placeholder_token_ids, processor_inputs
+from finger_reward.engine.inputs import patch_factor, processor_inputs
+from finger_reward.engine.reasoning import ReasonTokens, decode_reasons, extract_reason
 from finger_reward.scoring import answer_probs, answer_token_ids
 from finger_reward.video import Clip
+
+__all__ = ["Answers", "TransformersEngine", "default_device_dtype", "extract_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +119,15 @@ class TransformersEngine:
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
         self.mode = prompts.check_mode(mode)
+        if self.mode == "reason" and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 in reason mode (the reason's tokens), got {max_new_tokens}")
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.question_batch_size, self.share_prefix = question_batch_size, share_prefix
         self.max_batch_tokens = max_batch_tokens
         self.split = prompts.split_prompt(processor, mode)
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-        self.eos_ids |= {self.tokenizer.eos_token_id} - {None}
-        # A reason never holds vision placeholders; a generated one would break the full forward's video count.
-        self.suppressed = placeholder_token_ids(processor)
-        self._ends_with_gt: dict[int, bool] = {}
+        self.reason_tokens = ReasonTokens.from_model(model, processor)
         # The base model (vision tower + decoder, no LM head): the engine reads the head only at the
         # tokens it needs, not over every suffix position (rows x length x vocabulary logits).
         self._base = torch.compile(model.model, dynamic=True) if compile else model.model
@@ -336,69 +336,17 @@ class TransformersEngine:
         starts = [sum(counts[:v]) for v in range(len(counts))]
         return [(p, reasons[s : s + n]) for p, s, n in zip(probs.split(counts), starts, counts)]
 
-    # ---- reason mode: decode reasons for all questions at once, then read the answer -------------
-
     def _reason(self, state: _Packed, questions: list[tuple[int, int, int]], logits: torch.Tensor):
-        """Greedy (or sampled) reasons for all questions at once, each stopping at its own tag, then P(Yes)/P(No).
+        """Reasons decoded together in the packed cache (`reasoning.decode_reasons`), then P(Yes)/P(No).
 
         `questions` holds (video row, question index, suffix length) in video order, `logits` the
-        next-token logits after each suffix. Each step appends one token per unfinished question;
-        a question that has stopped is left out, so the others cannot change it.
+        next-token logits after each suffix.
         """
-        generated: list[list[int]] = [[] for _ in questions]
-        offset = [length for _, _, length in questions]  # where each question's next token goes
-        live = [True] * len(questions)
-        chosen = self._pick(logits).tolist()
-        for step in range(self.max_new_tokens):
-            for r in range(len(questions)):
-                if live[r]:
-                    generated[r].append(chosen[r])
-                    live[r] = not (self._stopped(generated[r]) or step == self.max_new_tokens - 1)
-            running = [r for r in range(len(questions)) if live[r]]
-            if not running:
-                break
-            pieces: packing.Pieces = [[] for _ in range(state.seg.shape[0])]
-            for r in running:  # video-major, as `questions`: the forward returns them in this order
-                v, q, _ = questions[r]
-                pieces[v].append((q, generated[r][-1:], offset[r]))
-                offset[r] += 1
-            for r, token in zip(running, self._pick(self._head(self._forward(state, pieces))).tolist()):
-                chosen[r] = token
-        # One more step: feed each question's last token plus whatever closes "</reason><answer>".
-        pieces = [[] for _ in range(state.seg.shape[0])]
-        for r, (v, q, _) in enumerate(questions):
-            pieces[v].append((q, self._closing_ids(generated[r]), offset[r]))
-        last = self._head(self._forward(state, pieces))
-        reasons = [extract_reason(self.tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
-        return self._probs(last), reasons
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.index_fill(-1, torch.tensor(self.suppressed, dtype=torch.long, device=logits.device), -math.inf)
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        return torch.multinomial((logits.float() / self.temperature).softmax(-1), 1)[:, 0]
-
-    def _stopped(self, ids: list[int]) -> bool:
-        if ids[-1] in self.eos_ids:
-            return True
-        if not self._ends_tag(ids[-1]):  # both stop tags end in ">": skip decoding the tail otherwise
-            return False
-        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
-        return tail.endswith(prompts.REASON_CLOSE) or tail.endswith(prompts.ANSWER_OPEN)
-
-    def _ends_tag(self, token: int) -> bool:
-        if token not in self._ends_with_gt:
-            self._ends_with_gt[token] = self.tokenizer.decode([token], skip_special_tokens=False).endswith(">")
-        return self._ends_with_gt[token]
-
-    def _closing_ids(self, generated: list[int]) -> list[int]:
-        """Tokens to feed after the reason so the next token is the answer."""
-        text = self.tokenizer.decode(generated[-8:], skip_special_tokens=False)
-        if text.endswith(prompts.ANSWER_OPEN):
-            return generated[-1:]
-        keep = [] if generated[-1] in self.eos_ids else generated[-1:]
-        tail = prompts.ANSWER_OPEN if text.endswith(prompts.REASON_CLOSE) else prompts.REASON_CLOSE + prompts.ANSWER_OPEN
-        return keep + self.tokenizer.encode(tail, add_special_tokens=False)
+        generated, last = decode_reasons(
+            self.reason_tokens, questions, logits, lambda pieces: self._head(self._forward(state, pieces)),
+            videos=state.seg.shape[0], max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+        )
+        return self._probs(last), [self.reason_tokens.reason(g) for g in generated]
 
     # ---- reference path: one full forward (or generate) per question ---------------------------
 
@@ -410,11 +358,11 @@ class TransformersEngine:
                 out = self.model.generate(
                     **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                     stop_strings=[prompts.REASON_CLOSE, prompts.ANSWER_OPEN], tokenizer=self.tokenizer,
-                    suppress_tokens=self.suppressed or None,
+                    suppress_tokens=self.reason_tokens.suppressed or None,
                 )
                 generated = out[0, inputs["input_ids"].shape[1] :].tolist()
-                reasons.append(extract_reason(self.tokenizer.decode(generated, skip_special_tokens=True)))
-                inputs = _append_text_tokens(inputs, generated[:-1] + self._closing_ids(generated))
+                reasons.append(self.reason_tokens.reason(generated))
+                inputs = _append_text_tokens(inputs, generated[:-1] + self.reason_tokens.closing_ids(generated))
             probs.append(self._probs(self.model(**inputs, logits_to_keep=1).logits[:, -1]))
         return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
 
@@ -442,19 +390,3 @@ def _append_text_tokens(inputs: dict, ids: list[int]) -> dict:
     if "mm_token_type_ids" in inputs:
         grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
     return grown
-
-
-def extract_reason(text: str) -> str:
-    """The text inside <reason>...</reason>, or everything before <answer> when tags are missing."""
-    start = text.find(prompts.REASON_OPEN)
-    body = text[start + len(prompts.REASON_OPEN) :] if start >= 0 else text
-    for tag in (prompts.REASON_CLOSE, prompts.ANSWER_OPEN):
-        if tag in body:
-            body = body[: body.index(tag)]
-    return body.strip()
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
