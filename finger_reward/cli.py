@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from finger_reward.errors import FingerError
+from finger_reward.pretrained import SLOWFAST_THRESHOLD
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import json_safe
 
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="require 'Authorization: Bearer <token>'")
     serve.add_argument("--allow-path", help="accept videos by path inside this directory")
     serve.add_argument("--mode", choices=["answer", "reason"])
+    _add_slowfast_option(serve)
     serve.set_defaults(run=_serve)
 
     evaluate = commands.add_parser("eval", help="agreement with human judgements on a benchmark (the paper's tables)")
@@ -160,21 +162,29 @@ def _add_model_options(parser: argparse.ArgumentParser, model_required: bool = T
     parser.add_argument("--weights", type=_weights, help="dimension weights, e.g. visual_quality=2,text_alignment=1")
     parser.add_argument("--fps", type=float, help="frames sampled per second (default: the checkpoint's, else 2)")
     parser.add_argument("--max-pixels", type=int, help="pixels per frame (default: the checkpoint's, else 448x448)")
-    parser.add_argument("--slowfast", type=_threshold, nargs="?", const=0.9, metavar="THRESHOLD",
-                        help="Q-Save SlowFast frames: a frame whose patch similarity to the last full-size frame "
-                             "exceeds THRESHOLD (default 0.9) goes in at a quarter of the pixels; logs the tokens saved")
+    _add_slowfast_option(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reason length limit in reason mode")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
 
 
-def _threshold(text: str) -> float:
+def _add_slowfast_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slowfast", type=_slowfast, nargs="?", const=SLOWFAST_THRESHOLD, metavar="THRESHOLD",
+                        help="Q-Save SlowFast frames: a frame whose patch similarity to the last full-size frame "
+                             f"exceeds THRESHOLD (default {SLOWFAST_THRESHOLD}) goes in at a quarter of the pixels; "
+                             "logs the tokens saved. 'off': plain frames (default: as the checkpoint was trained)")
+
+
+def _slowfast(text: str) -> float | bool:
+    """A --slowfast value: a threshold in (0, 1], or False for 'off'."""
+    if text.strip().lower() == "off":
+        return False
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a patch similarity threshold in [0, 1], e.g. 0.9")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a patch similarity threshold in (0, 1], e.g. 0.9, or 'off'")
     return value
 
 
@@ -192,25 +202,28 @@ def _weights(text: str) -> dict[str, float]:
 
 
 def _load_reward(args, model: str, questions):
+    from finger_reward.pretrained import as_slowfast
     from finger_reward.reward import FingerReward
-    from finger_reward.video import SlowFast
 
-    slowfast = None if args.slowfast is None else SlowFast(threshold=args.slowfast)
-    if slowfast:
-        _log_info_to_stderr("finger_reward.reward")  # its per-video SlowFast token counts
     options = dict(
         questions=questions, max_new_tokens=args.max_new_tokens, aggregate=args.aggregate, weights=args.weights,
-        slowfast=slowfast, on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
+        on_error="nan", progress=len(getattr(args, "videos", ())) > 4,
     )
     # Left unset, these come from the checkpoint (finger_reward.json) or the library defaults.
     options.update({k: v for k, v in dict(mode=args.mode, fps=args.fps, max_pixels=args.max_pixels).items()
                     if v is not None})
+    if args.slowfast is not None:  # "off" (False): plain frames, whatever the checkpoint was trained on
+        options["slowfast"] = as_slowfast(args.slowfast or None)
     if getattr(args, "base_url", None):
         if args.device or args.dtype:
             raise FingerError("--device and --dtype are for a local model; the server at --base-url chooses its own")
-        return FingerReward.from_openai(args.base_url, model, api_key=args.api_key, top_logprobs=args.top_logprobs,
-                                        concurrency=args.concurrency, **options)
-    return FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
+        reward = FingerReward.from_openai(args.base_url, model, api_key=args.api_key, top_logprobs=args.top_logprobs,
+                                          concurrency=args.concurrency, **options)
+    else:
+        reward = FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
+    if reward.video_options["slowfast"] is not None:
+        _log_info_to_stderr("finger_reward.reward")  # its per-video SlowFast token counts
+    return reward
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -390,7 +403,8 @@ def read_prompts(path: str | Path) -> list[str]:
 def _serve(args) -> int:
     from finger_reward.serve.config import ServeConfig
 
-    overrides = {k: getattr(args, k) for k in ("model", "questions", "host", "port", "replicas", "token", "allow_path", "mode")}
+    overrides = {k: getattr(args, k)
+                 for k in ("model", "questions", "host", "port", "replicas", "token", "allow_path", "mode", "slowfast")}
     try:
         config = ServeConfig.from_yaml(args.config, **overrides)
     except (ValueError, OSError) as err:
@@ -402,10 +416,9 @@ def _serve(args) -> int:
 
         run_ray(config)
         return 0
-    from finger_reward.reward import FingerReward
     from finger_reward.serve.local import LocalServer
 
-    server = LocalServer(FingerReward.from_pretrained(config.model, **config.reward_options()), config)
+    server = LocalServer(config.build_reward(), config)
     print(f"finger-reward: serving {config.model} on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
     server.run()
     return 0

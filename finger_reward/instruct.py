@@ -32,7 +32,7 @@ from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.errors import FingerError
 from finger_reward.questions.record import Question
 from finger_reward.scoring import RATING_LEVELS
-from finger_reward.video import Clip, load_video
+from finger_reward.video import Clip, SlowFast, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ class VideoSFTCollator:
     `second_per_grid_ts`, ...) are the processor's, concatenated over the batch.
 
     `clip_cache=N` keeps the last N decoded videos in memory: a small data set seen for many
-    epochs (the tiny evaluator's) then decodes each video once.
+    epochs (the tiny evaluator's) then decodes each video once. `slowfast=SlowFast(...)` samples
+    Q-Save's SlowFast frames, as `FingerReward(slowfast=...)` does, markers and both pathways included.
 
     With `mos_range=(low, high)` the batch also holds, for the Q-Save rating loss,
     `rating_positions` (index in input_ids of each row's rating-level token, -1 for a record
@@ -204,13 +205,16 @@ class VideoSFTCollator:
     """
 
     def __init__(self, processor, mode: str = "answer", *, fps: float = 2.0, max_frames: int = 48,
-                 max_pixels: int = 448 * 448, mos_range: tuple[float, float] | None = None, clip_cache: int = 0):
+                 max_pixels: int = 448 * 448, slowfast: SlowFast | None = None,
+                 mos_range: tuple[float, float] | None = None, clip_cache: int = 0):
         self.processor, self.tokenizer = processor, processor.tokenizer
         if clip_cache < 0:
             raise ValueError(f"clip_cache must be >= 0 (videos kept decoded), got {clip_cache}")
+        if slowfast is not None and not isinstance(slowfast, SlowFast):
+            raise ValueError(f"slowfast must be a SlowFast(...) or None, got {type(slowfast).__name__}")
         self.clip_cache, self._clips = clip_cache, OrderedDict()
         self.mode = prompts.check_mode(mode)
-        self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels,
+        self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, slowfast=slowfast,
                                   patch_factor=patch_factor(processor))
         self.split = prompts.split_prompt(processor, mode)
         self.end_of_turn = _end_of_turn(processor, mode)

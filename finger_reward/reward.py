@@ -130,8 +130,9 @@ class FingerReward:
         `mode` is "answer" (read P(Yes)/P(No) right away) or "reason" (generate the reason
         first, then read the answer). `max_batch_tokens` ("auto": from free GPU memory) and `compile`
         go to `TransformersEngine`. Other keyword options are those of `FingerReward`. Settings
-        left out (mode, fps, max_frames, max_pixels) come from the checkpoint's finger_reward.json
-        when it has one (`finger_reward.pretrained`), else the defaults.
+        left out (mode, fps, max_frames, max_pixels, slowfast) come from the checkpoint's
+        finger_reward.json when it has one (`finger_reward.pretrained`), else the defaults; pass
+        `slowfast=None` to score a SlowFast-trained checkpoint on plain frames.
         """
         from finger_reward import pretrained
         from finger_reward.engine import TransformersEngine
@@ -139,6 +140,8 @@ class FingerReward:
         model = pretrained.resolve(model)
         defaults = pretrained.scoring_defaults(model)
         trained_mode = defaults.pop("mode", "answer")
+        if "slowfast" in defaults:
+            defaults["slowfast"] = pretrained.as_slowfast(defaults["slowfast"])
         mode = mode or trained_mode
         options = {**defaults, **options}
         engine_options = dict(mode=mode, max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens,

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +14,16 @@ import torch
 from finger_reward import FingerReward, Question, QuestionBank
 from finger_reward.cli import main
 from finger_reward.engine import TransformersEngine
+from finger_reward import pretrained
 from finger_reward.engine.inputs import patch_factor, processor_inputs
+from finger_reward.errors import FingerError
+from finger_reward.instruct import InstructRecord, VideoSFTCollator
 from finger_reward.prompts import build_messages, expand_video, split_prompt
+from finger_reward.serve import FingerRewardClient, ServeConfig
+from finger_reward.serve.local import LocalServer
 from finger_reward.synthetic import Scene, render, write_video
 from finger_reward.video import FAST, SLOW, SlowFast, classify_frames, load_video, patch_similarity
+from tests.serve_checks import assert_same
 
 PROMPT = "a red circle moves from left to right on a dark background"
 QUESTIONS = [
@@ -353,4 +361,181 @@ def test_cli_score_with_slowfast_reports_the_tokens_saved(tiny_model_dir, videos
     with pytest.raises(SystemExit) as info:
         main([*map(str, common), "--slowfast", "1.5"])
     assert info.value.code == 2
-    assert "expected a patch similarity threshold in [0, 1]" in capsys.readouterr().err
+    assert "expected a patch similarity threshold in (0, 1]" in capsys.readouterr().err
+
+
+# ---- SlowFast everywhere a clip is sampled: the service, checkpoint defaults, the trainers ---------
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory):
+    return QuestionBank(QUESTIONS).to_jsonl(tmp_path_factory.mktemp("slowfast_bank") / "bank.jsonl")
+
+
+def test_served_slowfast_scores_as_the_slowfast_reward(tiny_model_dir, bank_path, videos):
+    config = ServeConfig(model=str(tiny_model_dir), questions=str(bank_path), fps=4.0, max_pixels=H * W,
+                         slowfast=0.8, port=0, max_wait_ms=5)
+    served = config.build_reward()  # what `finger-reward serve` and every Ray replica load
+    assert served.video_options["slowfast"] == SlowFast(threshold=0.8)
+    direct = FingerReward.from_pretrained(tiny_model_dir, questions=QUESTIONS, fps=4.0, max_pixels=H * W,
+                                          slowfast=SlowFast(threshold=0.8))
+    paths = [videos["cut"], videos["teleport"]]
+    with LocalServer(served, config) as server:
+        got = FingerRewardClient(server.url).score(paths, PROMPT)
+    want = direct.score(paths, PROMPT)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+    plain = FingerReward.from_pretrained(tiny_model_dir, questions=QUESTIONS, fps=4.0, max_pixels=H * W)
+    assert all(abs(g.overall - p.overall) > 1e-6 for g, p in zip(got, plain.score(paths, PROMPT)))
+
+
+def test_serve_config_slowfast_values(tmp_path):
+    assert "slowfast" not in ServeConfig().reward_options()  # None: as the checkpoint was trained
+    assert ServeConfig(slowfast=True).slowfast == 0.9  # as the bare --slowfast flag
+    assert ServeConfig(slowfast=False).reward_options()["slowfast"] is None  # plain, whatever the checkpoint says
+    assert ServeConfig(slowfast=1).reward_options()["slowfast"] == SlowFast(threshold=1.0)
+    path = tmp_path / "serve.yaml"
+    path.write_text("slowfast: 0.85\n")
+    assert ServeConfig.from_yaml(path).reward_options()["slowfast"] == SlowFast(threshold=0.85)
+    assert ServeConfig.from_yaml(path, slowfast=False).slowfast is False  # the command line wins
+
+
+@pytest.fixture
+def checkpoint(tiny_model_dir, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, path)
+    return path
+
+
+def test_checkpoint_slowfast_round_trip(checkpoint, bank_path, videos):
+    pretrained.write_scoring_defaults(checkpoint, mode="answer", fps=4.0, max_pixels=H * W, slowfast=0.8)
+    assert json.loads((checkpoint / pretrained.SCORING_FILE).read_text())["slowfast"] == 0.8
+    assert pretrained.scoring_defaults(checkpoint)["slowfast"] == 0.8
+    reward = FingerReward.from_pretrained(checkpoint, questions=QUESTIONS)
+    assert reward.video_options["slowfast"] == SlowFast(threshold=0.8)
+    [job] = reward.prepare([videos["cut"]], [PROMPT])
+    assert [p.kind for p in job.clip.pathways] == [SLOW, FAST]  # the clip really is sampled SlowFast
+    # An explicit argument wins, None included (plain frames from a SlowFast-trained checkpoint).
+    assert FingerReward.from_pretrained(checkpoint, questions=QUESTIONS, slowfast=None).video_options["slowfast"] is None
+    other = SlowFast(threshold=0.95, fast_max_pixels=28 * 28 * 4)
+    assert FingerReward.from_pretrained(checkpoint, questions=QUESTIONS, slowfast=other).video_options["slowfast"] == other
+    # The service follows the checkpoint unless told otherwise.
+    serve = dict(model=str(checkpoint), questions=str(bank_path))
+    assert ServeConfig(**serve).build_reward().video_options["slowfast"] == SlowFast(threshold=0.8)
+    assert ServeConfig(**serve, slowfast=False).build_reward().video_options["slowfast"] is None
+    assert ServeConfig(**serve, slowfast=0.7).build_reward().video_options["slowfast"] == SlowFast(threshold=0.7)
+    # A checkpoint trained on plain frames says so.
+    pretrained.write_scoring_defaults(checkpoint, mode="answer", slowfast=None)
+    assert json.loads((checkpoint / pretrained.SCORING_FILE).read_text())["slowfast"] is None
+    assert FingerReward.from_pretrained(checkpoint, questions=QUESTIONS).video_options["slowfast"] is None
+
+
+def test_cli_score_follows_the_checkpoint_unless_told_off(checkpoint, bank_path, videos, capsys):
+    pretrained.write_scoring_defaults(checkpoint, mode="answer", fps=4.0, max_pixels=H * W, slowfast=0.9)
+    common = ["score", str(videos["cut"]), "--prompt", PROMPT, "--questions", str(bank_path), "--model", str(checkpoint),
+              "--json"]
+    assert main(common) == 0
+    assert "168 video tokens instead of 384" in capsys.readouterr().err
+    assert main([*common, "--slowfast", "off"]) == 0
+    assert "SlowFast" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.2, float("nan"), "0.9"])
+def test_bad_threshold_is_refused_naming_slowfast(checkpoint, tmp_path, value):
+    from finger_reward.trainers.grpo import GRPORecipe
+    from finger_reward.trainers.sft import SFTRecipe
+
+    where = f"slowfast={value!r} must be a SlowFast patch similarity threshold in (0, 1]"
+    for build in (lambda: ServeConfig(slowfast=value), lambda: SFTRecipe(model="m", data="d.jsonl", slowfast=value),
+                  lambda: GRPORecipe(model="m", data="d.jsonl", slowfast=value),
+                  lambda: pretrained.write_scoring_defaults(checkpoint, slowfast=value)):
+        with pytest.raises(ValueError) as info:
+            build()
+        assert where in str(info.value)
+    (checkpoint / pretrained.SCORING_FILE).write_text(json.dumps({"mode": "answer", "slowfast": value}))
+    with pytest.raises(FingerError, match=r"finger_reward\.json: slowfast="):
+        FingerReward.from_pretrained(checkpoint, questions=QUESTIONS)
+    path = tmp_path / "serve.yaml"
+    path.write_text(json.dumps({"slowfast": value}))  # JSON is YAML
+    with pytest.raises(ValueError, match=r"slowfast=.* must be a SlowFast"):
+        ServeConfig.from_yaml(path)
+
+
+def test_cli_serve_refuses_a_bad_threshold(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", str(tiny_model_dir), "--slowfast", "1.5"])
+    assert info.value.code == 2
+    assert "expected a patch similarity threshold in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(tiny_model_dir), "--slowfast", "0"])
+    assert "'0': expected a patch similarity threshold" in capsys.readouterr().err
+
+
+def _record(video) -> InstructRecord:
+    q = QUESTIONS[0]
+    return InstructRecord(q.prompt, q.dimension, q.entity, q.question, q.positive, str(video), "Yes",
+                          reason="The circle is red throughout.")
+
+
+@pytest.mark.parametrize("mode", ["answer", "reason"])
+def test_sft_collator_with_slowfast_feeds_what_the_engine_scores(tiny_model_and_processor, videos, mode):
+    model, processor = tiny_model_and_processor
+    reward = FingerReward.from_pretrained(model, processor=processor, questions=QUESTIONS, mode=mode, fps=4.0,
+                                          max_pixels=H * W, slowfast=SlowFast())
+    engine = reward.engine
+    record = _record(videos["cut"])
+    [job] = reward.prepare([record.video], [record.prompt])
+    assert len(job.clip.pathways) == 2
+    expected = engine.preprocess(job.clip)  # the processor's prefix inputs: system turn and both pathways
+    collator = VideoSFTCollator(processor, mode, fps=4.0, max_pixels=H * W, slowfast=SlowFast())
+    batch = collator([record])
+    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        assert torch.equal(batch[key], expected[key]), key
+    assert batch["video_grid_thw"].shape[0] == 2  # one row per pathway
+    prefix = expected["input_ids"].shape[1]
+    for key in ("input_ids", "mm_token_type_ids"):
+        assert torch.equal(batch[key][:, :prefix], expected[key]), key
+    # After the shared prefix, the engine's question suffix, then the trained completion.
+    suffix = processor.tokenizer.encode(engine.split.text_after_video(record.question), add_special_tokens=False)
+    assert batch["input_ids"][0, prefix: prefix + len(suffix)].tolist() == suffix
+    assert (batch["labels"][0, : prefix + len(suffix)] == -100).all() and (batch["labels"][0, prefix + len(suffix):] != -100).all()
+    plain = VideoSFTCollator(processor, mode, fps=4.0, max_pixels=H * W)([record])
+    assert plain["video_grid_thw"].shape[0] == 1
+    assert plain["pixel_values_videos"].shape[0] > batch["pixel_values_videos"].shape[0]  # the tokens SlowFast saves
+    with pytest.raises(ValueError, match="slowfast must be a SlowFast.*got float"):
+        VideoSFTCollator(processor, mode, slowfast=0.9)
+
+
+def test_trainers_sample_slowfast_and_write_it_to_the_checkpoint(tiny_model_dir, tiny_model_and_processor, videos,
+                                                                  tmp_path):
+    from trl import TrlParser
+
+    from finger_reward.trainers.grpo import GRPORecipe, VideoGRPOTrainer
+    from finger_reward.trainers.sft import SFTRecipe, build_trainer
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    (sft,) = TrlParser([SFTRecipe]).parse_args_and_config(
+        ["--config", str(configs / "sft_reason.yaml"), "--model", "m", "--data", "d.jsonl"])
+    assert sft.slowfast is None
+    (sft,) = TrlParser([SFTRecipe]).parse_args_and_config(
+        ["--config", str(configs / "sft_reason.yaml"), "--model", "m", "--data", "d.jsonl", "--slowfast", "0.9"])
+    assert sft.slowfast == 0.9
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(_record(videos["cut"]).to_dict()) + "\n")
+    recipe = SFTRecipe(model=str(tiny_model_dir), data=str(data), mode="reason", output_dir=str(tmp_path / "sft"),
+                       fps=4.0, max_pixels=H * W, slowfast=0.9, max_steps=1)
+    assert build_trainer(recipe).data_collator.video_options["slowfast"] == SlowFast(threshold=0.9)
+
+    model, processor = tiny_model_and_processor
+    grpo = GRPORecipe(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "grpo"), num_generations=2,
+                      beta=0.0, fps=4.0, max_pixels=H * W, slowfast=0.9)
+    trainer = VideoGRPOTrainer(grpo, model=model, processor=processor, records=[_record(videos["cut"])])
+    inputs = trainer.prompt_inputs(trainer.records[0])  # what every rollout and loss forward sees
+    engine = TransformersEngine(model, processor, mode="reason")
+    clip = load_video(videos["cut"], fps=4.0, max_pixels=H * W, slowfast=SlowFast(threshold=0.9))
+    torch.testing.assert_close(inputs["pixel_values_videos"], engine.preprocess(clip)["pixel_values_videos"])
+    assert inputs["video_grid_thw"].shape[0] == 2
+    trainer.save_model(tmp_path / "saved")
+    assert pretrained.scoring_defaults(tmp_path / "saved")["slowfast"] == 0.9
+    scored = FingerReward.from_pretrained(tmp_path / "saved", questions=QUESTIONS)
+    assert scored.video_options["slowfast"] == SlowFast(threshold=0.9) and scored.engine.mode == "reason"

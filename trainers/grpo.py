@@ -75,7 +75,7 @@ from trl import GRPOConfig, TrlParser
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
-from finger_reward.pretrained import write_scoring_defaults
+from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.rewards import accuracy_reward, format_reward
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ class GRPORecipe:
     fps: float = field(default=2.0, metadata={"help": "frames per second sampled from each video (paper: 2), as the engine samples"})
     max_pixels: int = field(default=448 * 448, metadata={"help": "pixel budget per frame, H x W (paper: 448 x 448)"})
     max_frames: int = field(default=48, metadata={"help": "at most this many frames per video"})
+    slowfast: float | None = field(default=None, metadata={"help": "Q-Save SlowFast frames with this patch similarity threshold in "
+                                                                     "(0, 1] (Q-Save: 0.9), as scoring samples them; None: plain frames. "
+                                                                     "Written to finger_reward.json, so scoring follows"})
     clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft); the reference is the model with adapters disabled"})
@@ -153,6 +156,7 @@ class GRPORecipe:
             raise ValueError("freeze_vision applies to full fine-tuning; with lora=true only the adapters train already")
         if not self.fps > 0 or self.max_frames < 1 or self.max_pixels < 1:
             raise ValueError(f"need fps > 0, max_frames >= 1, max_pixels >= 1; got {self.fps}, {self.max_frames}, {self.max_pixels}")
+        slowfast_threshold(self.slowfast)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -250,8 +254,8 @@ class VideoGRPOTrainer:
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
         self.records = records if records is not None else load_instruct(recipe.data)
         self.collator = VideoSFTCollator(processor, MODE, fps=recipe.fps, max_frames=recipe.max_frames,
-                                         max_pixels=recipe.max_pixels,
-                                clip_cache=recipe.clip_cache)
+                                         max_pixels=recipe.max_pixels, slowfast=as_slowfast(recipe.slowfast),
+                                         clip_cache=recipe.clip_cache)
         self.ref_model = self._reference()
         eos = {self.tokenizer.convert_tokens_to_ids(self.collator.end_of_turn)} if self.collator.end_of_turn else set()
         eos |= {self.tokenizer.eos_token_id} - {None}
@@ -521,7 +525,7 @@ class VideoGRPOTrainer:
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
         write_scoring_defaults(path, mode=MODE, fps=self.recipe.fps, max_frames=self.recipe.max_frames,
-                               max_pixels=self.recipe.max_pixels)
+                               max_pixels=self.recipe.max_pixels, slowfast=self.recipe.slowfast)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -621,7 +625,8 @@ class VideoGRPOTrainer:
         recipe, out = self.recipe, Path(self.recipe.output_dir)
         result = evaluate_instruct(self.model, data, processor=self.processor, mode=MODE,
                                    max_new_tokens=self.args.max_completion_length, fps=recipe.fps,
-                                   max_frames=recipe.max_frames, max_pixels=recipe.max_pixels)
+                                   max_frames=recipe.max_frames, max_pixels=recipe.max_pixels,
+                                   slowfast=as_slowfast(recipe.slowfast))
         write_eval(result, out / "eval.json")
         self.log(eval_metrics(result), out)
         return result

@@ -46,7 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from finger_reward.instruct import VideoSFTCollator, load_instruct
-from finger_reward.pretrained import write_scoring_defaults
+from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.prompts import MODES
 from finger_reward.scoring import rating_expectation
 
@@ -80,6 +80,9 @@ class SFTRecipe:
     fps: float = field(default=2.0, metadata={"help": "frames per second sampled from each video (paper: 2), as the engine samples"})
     max_pixels: int = field(default=448 * 448, metadata={"help": "pixel budget per frame, H x W (paper: 448 x 448 = 200704)"})
     max_frames: int = field(default=48, metadata={"help": "at most this many frames per video, evenly spread"})
+    slowfast: float | None = field(default=None, metadata={"help": "Q-Save SlowFast frames with this patch similarity threshold in "
+                                                                     "(0, 1] (Q-Save: 0.9), as scoring samples them; None: plain frames. "
+                                                                     "Written to finger_reward.json, so scoring follows"})
     clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
     model_dtype: str = field(
@@ -132,6 +135,7 @@ class SFTRecipe:
             raise ValueError("freeze_vision applies to full fine-tuning; with lora=true only the adapters train already")
         if not self.fps > 0 or self.max_frames < 1 or self.max_pixels < 1:
             raise ValueError(f"need fps > 0, max_frames >= 1, max_pixels >= 1; got {self.fps}, {self.max_frames}, {self.max_pixels}")
+        slowfast_threshold(self.slowfast)
         if self.per_device_train_batch_size < 1:
             raise ValueError(f"per_device_train_batch_size must be at least 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
@@ -325,7 +329,7 @@ def build_trainer(recipe: SFTRecipe) -> VideoSFTTrainer:
     eval_dataset = instruct_dataset(recipe.eval_data, recipe.mode) if recipe.eval_data else None
     model, processor = load_model(recipe)
     collator = VideoSFTCollator(processor, recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
-                                max_pixels=recipe.max_pixels,
+                                max_pixels=recipe.max_pixels, slowfast=as_slowfast(recipe.slowfast),
                                 mos_range=(recipe.mos_min, recipe.mos_max) if rating else None,
                                 clip_cache=recipe.clip_cache)
     return VideoSFTTrainer(
@@ -354,7 +358,8 @@ def evaluate_accuracy(trainer: VideoSFTTrainer, recipe: SFTRecipe) -> dict | Non
         return None
     result = evaluate_instruct(trainer.model, recipe.eval_data, processor=trainer.processing_class, mode=recipe.mode,
                                max_new_tokens=recipe.eval_max_new_tokens, fps=recipe.fps,
-                               max_frames=recipe.max_frames, max_pixels=recipe.max_pixels)
+                               max_frames=recipe.max_frames, max_pixels=recipe.max_pixels,
+                               slowfast=as_slowfast(recipe.slowfast))
     write_eval(result, Path(recipe.output_dir) / "eval.json")
     trainer.log(eval_metrics(result))
     return result
@@ -372,7 +377,7 @@ def train(recipe: SFTRecipe):
     trainer.save_model(recipe.output_dir)
     # How the model is to be asked: FingerReward.from_pretrained reads it (finger_reward.pretrained).
     write_scoring_defaults(recipe.output_dir, mode=recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
-                           max_pixels=recipe.max_pixels)
+                           max_pixels=recipe.max_pixels, slowfast=recipe.slowfast)
     if recipe.eval_data:
         evaluate_accuracy(trainer, recipe)
     return trainer

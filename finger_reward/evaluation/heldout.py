@@ -27,6 +27,7 @@ from finger_reward.evaluation.records import AnsweredQuestion
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import VideoScore
 from finger_reward.scorefile import Key
+from finger_reward.video import SlowFast
 
 
 def prob_accuracy(p_correct: Sequence[float]) -> float:
@@ -61,13 +62,14 @@ def instruct_accuracy(items: Sequence[AnsweredQuestion], scores: dict[Key, Video
 def evaluate_instruct(
     model_or_reward, heldout_jsonl: str | Path, *, mode: str | None = None, processor=None,
     video_root: str | Path | None = None, max_new_tokens: int = 256, fps: float = 2.0, max_frames: int = 48,
-    max_pixels: int = 448 * 448, chunk: int = 8, progress: bool = True,
+    max_pixels: int = 448 * 448, slowfast: SlowFast | None = None, chunk: int = 8, progress: bool = True,
 ) -> dict:
     """Score every held-out question and return its accuracy figures (see the module docstring).
 
     `model_or_reward`: a `FingerReward` (its engine, mode and video options are used), a checkpoint
     path, or a loaded model with `processor=` (a PEFT model is evaluated with its adapters).
-    `mode` ("answer" or "reason", default "answer") must match a given reward's engine.
+    `mode` ("answer" or "reason", default "answer") must match a given reward's engine. The video
+    options (fps, max_frames, max_pixels, slowfast) are for a model or path.
     The result also has "failed_videos" and the keys `evaluate.format_table` prints.
     """
     from tqdm.auto import tqdm
@@ -76,7 +78,8 @@ def evaluate_instruct(
     # The engine switches a loaded model to eval mode; a model that was training goes back to it.
     was_training = isinstance(model_or_reward, torch.nn.Module) and model_or_reward.training
     reward = _heldout_reward(model_or_reward, benchmark_bank(bench), mode=mode, processor=processor,
-                             max_new_tokens=max_new_tokens, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
+                             max_new_tokens=max_new_tokens, fps=fps, max_frames=max_frames, max_pixels=max_pixels,
+                             slowfast=slowfast)
     keys = benchmark_videos(bench)
     scores: dict[Key, VideoScore] = {}
     try:
@@ -101,7 +104,7 @@ def evaluate_instruct(
     }
 
 
-def _heldout_reward(model_or_reward, bank, *, mode, processor, max_new_tokens, fps, max_frames, max_pixels):
+def _heldout_reward(model_or_reward, bank, *, mode, processor, max_new_tokens, fps, max_frames, max_pixels, slowfast):
     """A FingerReward whose question bank is exactly the held-out questions; failures score NaN."""
     from finger_reward.reward import FingerReward
 
@@ -113,7 +116,7 @@ def _heldout_reward(model_or_reward, bank, *, mode, processor, max_new_tokens, f
         return FingerReward(engine, questions=bank, aggregate=model_or_reward.aggregate,
                             weights=model_or_reward.weights, on_error="nan", **model_or_reward.video_options)
     options = dict(questions=bank, mode=mode or "answer", max_new_tokens=max_new_tokens, on_error="nan",
-                   fps=fps, max_frames=max_frames, max_pixels=max_pixels)
+                   fps=fps, max_frames=max_frames, max_pixels=max_pixels, slowfast=slowfast)
     if isinstance(model_or_reward, (str, Path)):
         return FingerReward.from_pretrained(model_or_reward, processor=processor, **options)
     if processor is None:

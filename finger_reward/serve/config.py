@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from finger_reward.pretrained import SLOWFAST_THRESHOLD, as_slowfast, slowfast_threshold
+from finger_reward.recipes import from_yaml
 
 
 @dataclass
@@ -31,6 +34,11 @@ class ServeConfig:
     fps: float | None = None
     max_frames: int | None = None
     max_pixels: int | None = None
+    slowfast: float | bool | None = field(
+        default=None,
+        metadata={"help": "Q-Save SlowFast frames with this patch similarity threshold in (0, 1] (true: 0.9); "
+                          "false: plain frames; None: as the checkpoint was trained, else plain"},
+    )
     aggregate: str = "mean"
     weights: dict[str, float] | None = None
     device: str | None = None
@@ -43,28 +51,32 @@ class ServeConfig:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.allow_path is not None and not Path(self.allow_path).is_dir():
             raise ValueError(f"allow_path {self.allow_path!r} is not a directory")
+        if self.slowfast is True:
+            self.slowfast = SLOWFAST_THRESHOLD  # as the bare --slowfast flag
+        elif self.slowfast is not False:
+            slowfast_threshold(self.slowfast)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides) -> "ServeConfig":
-        """Fields from a YAML file (unknown keys are an error naming the valid ones), then `overrides`."""
-        import yaml
-
-        values = {}
-        if path is not None:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """Fields from a YAML file (unknown keys are an error naming the valid ones), then the overrides that
+        are not None (command-line flags left unset)."""
+        return from_yaml(cls, path, **{k: v for k, v in overrides.items() if v is not None})
 
     def reward_options(self) -> dict:
         """Keyword arguments for `FingerReward.from_pretrained`."""
         keys = ("mode", "max_new_tokens", "fps", "max_frames", "max_pixels", "aggregate", "weights", "device", "dtype")
         options = {k: getattr(self, k) for k in keys}
         trained = ("mode", "fps", "max_frames", "max_pixels")  # left unset: as the checkpoint was trained
-        return {"questions": self.questions, **{k: v for k, v in options.items() if v is not None or k not in trained}}
+        options = {"questions": self.questions, **{k: v for k, v in options.items() if v is not None or k not in trained}}
+        if self.slowfast is not None:  # false: plain frames, whatever the checkpoint was trained on
+            options["slowfast"] = as_slowfast(self.slowfast or None)
+        return options
+
+    def build_reward(self):
+        """The `FingerReward` this config serves; the one-process server and every Ray replica load it so."""
+        from finger_reward.reward import FingerReward
+
+        return FingerReward.from_pretrained(self.model, **self.reward_options())
 
     def batcher_options(self) -> dict:
         keys = ("max_batch_size", "max_batch_tokens", "max_wait_ms", "max_queue", "prepare_workers")

@@ -38,9 +38,7 @@ def _replica_class():
         """One model replica: `ScoreAPI` in front, prepared videos batched into `FingerReward.run`."""
 
         def __init__(self, config: ServeConfig):
-            from finger_reward.reward import FingerReward
-
-            self.reward = FingerReward.from_pretrained(config.model, **config.reward_options())
+            self.reward = config.build_reward()
             self.telemetry = Telemetry()
             self.api = ScoreAPI(self._score_many, token=config.token, allow_path=config.allow_path,
                                 max_payload_mb=config.max_payload_mb, telemetry=self.telemetry)
