@@ -1,0 +1,41 @@
+"""Run under torchrun by tests/test_distributed.py: one of the generator loops on the tiny Wan pipeline, then each
+process writes its LoRA weights and history (rank<N>.pt) so the test can compare the processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+TINY = dict(num_frames=5, height=32, width=32, max_sequence_length=16, lora_rank=4, lora_alpha=4,
+            mixed_precision="no", learning_rate=1e-2, save_steps=0)
+
+
+def main(loop: str, work: str, extra: str) -> None:
+    from accelerate import PartialState
+
+    work_dir = Path(work)
+    pipe = build_tiny_wan_pipeline(seed=0)
+    if loop == "dpo":
+        from finger_reward.trainers.diffusion_dpo import DPORecipe, train
+
+        recipe = DPORecipe(pairs_file=extra, output_dir=str(work_dir / "out"), max_steps=3, batch_size=1,
+                           gradient_accumulation_steps=1, logging_steps=1, **TINY)
+        history = train(recipe, pipe=pipe)["history"]
+    else:
+        from finger_reward.trainers.flow_grpo import FlowGRPORecipe, train
+
+        recipe = FlowGRPORecipe(prompts=str(work_dir / "prompts.txt"), reward_model=extra, output_dir=str(work_dir / "out"),
+                                max_steps=2, group_size=2, prompts_per_step=1, num_inference_steps=3, num_updates=1,
+                                clip_range=0.2, beta=0.1, std_floor=0.01, **{**TINY, "save_steps": 10})
+        history = train(recipe, pipe=pipe)
+    lora = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters() if "lora_" in name}
+    rank = PartialState().process_index
+    torch.save({"lora": lora, "history": history}, work_dir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
