@@ -1,8 +1,9 @@
-"""Run under torchrun by tests/test_distributed.py: one of the generator loops on the tiny Wan pipeline, then each
-process writes its LoRA weights and history (rank<N>.pt) so the test can compare the processes."""
+"""Run under torchrun by tests/test_distributed.py: a generator loop on the tiny Wan pipeline, or the evaluator's
+GRPO on the tiny Qwen2.5-VL; then each process writes its weights and history so the test can compare them."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,10 +15,27 @@ TINY = dict(num_frames=5, height=32, width=32, max_sequence_length=16, lora_rank
             mixed_precision="no", learning_rate=1e-2, save_steps=0)
 
 
+def evaluator_grpo(work_dir: Path, options: dict) -> None:
+    """The evaluator's GRPO loop (trainers/grpo.py) with a length reward; `options`: GRPORecipe fields, as JSON."""
+    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
+
+    def length_reward(completions, **kwargs):  # differs within a group of a random model's completions
+        return [len(c) / 10 for c in completions]
+
+    trainer = build_trainer(GRPORecipe(**options), reward_funcs=[length_reward])
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train(resume_from_checkpoint=options.get("resume_from_checkpoint"))
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    torch.save({"weights": weights, "start": start, "completions": trainer.completions, "log": trainer.log_history},
+               work_dir / f"grpo-rank{trainer.parallel.rank}.pt")
+
+
 def main(loop: str, work: str, extra: str) -> None:
     from accelerate import PartialState
 
     work_dir = Path(work)
+    if loop == "grpo-evaluator":
+        return evaluator_grpo(work_dir, json.loads(extra))
     pipe = build_tiny_wan_pipeline(seed=0)
     if loop == "dpo":
         from finger_reward.trainers.diffusion_dpo import DPORecipe, train

@@ -28,12 +28,18 @@ the hyper-parameters (`trainer.args`), rewards have TRL's reward-function shape,
 TRL's names (`reward`, `reward_std`, `rewards/<name>/mean`, `kl`, `clip_ratio/region_mean`,
 `completions/mean_length`, ...).
 
-Launch (one process; the loop does not shard over GPUs):
+Launch (one process, on the GPU when there is one):
 
     python -m finger_reward.trainers.grpo --config configs/grpo_zero.yaml \
         --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --output_dir out/grpo_zero
     python -m finger_reward.trainers.grpo --config configs/grpo_coldstart.yaml \
         --model out/sft_reason --data train.jsonl --output_dir out/grpo_coldstart
+
+Data-parallel on N GPUs (`trainers/data_parallel.py`): every process samples and scores its own
+questions, the gradients are averaged, the main process writes logs and checkpoints (with one
+rng_state_<rank>.pth per process, as HF Trainer):
+
+    torchrun --nproc_per_node 8 -m finger_reward.trainers.grpo --config configs/grpo_coldstart.yaml ...
 
 Every key of the YAML is a field of `GRPORecipe`; command-line flags override it. Metrics go to
 `output_dir/log.jsonl` (one line per logging step), the sampled completions with their rewards and
@@ -77,6 +83,7 @@ from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.trainers.data_parallel import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +245,12 @@ class VideoGRPOTrainer:
                  reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
                  records: list[InstructRecord] | None = None):
         self.recipe, self.args = recipe, grpo_config(recipe)
+        self.parallel = DataParallel.from_env()
         random.seed(recipe.seed)
         torch.manual_seed(recipe.seed)
         if model is None:
             model, loaded = load_model(recipe)
+            model.to(self.parallel.device)
             processor = processor or loaded
         elif processor is None:
             processor = AutoProcessor.from_pretrained(recipe.model)
@@ -253,6 +262,11 @@ class VideoGRPOTrainer:
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
         self.records = records if records is not None else load_instruct(recipe.data)
+        if len(self.records) < self.parallel.world_size:
+            raise ValueError(f"{len(self.records)} record(s) cannot give each of {self.parallel.world_size} processes its own question")
+        self.parallel.broadcast_parameters(self.model)
+        if self.parallel.world_size > 1:  # same weights everywhere, different samples in each process
+            torch.manual_seed(recipe.seed + self.parallel.rank)
         self.collator = VideoSFTCollator(processor, MODE, fps=recipe.fps, max_frames=recipe.max_frames,
                                          max_pixels=recipe.max_pixels, slowfast=as_slowfast(recipe.slowfast),
                                          clip_cache=recipe.clip_cache)
@@ -443,10 +457,13 @@ class VideoGRPOTrainer:
     # ---- the loop ---------------------------------------------------------------------------------
 
     def _next_record(self) -> InstructRecord:
-        if not self._order:
+        """This process's next question: every process walks one shuffled order and takes its own of each
+        `world_size` consecutive records."""
+        if len(self._order) < self.parallel.world_size:
             self._order = list(range(len(self.records)))
             random.Random(self.recipe.seed + self.global_step).shuffle(self._order)
-        return self.records[self._order.pop()]
+        turn = [self._order.pop() for _ in range(self.parallel.world_size)]
+        return self.records[turn[self.parallel.rank]]
 
     def train(self, resume_from_checkpoint: str | bool | None = None):
         """Run to max_steps; `resume_from_checkpoint` (a checkpoint-N directory, or True / "last" for the
@@ -462,19 +479,17 @@ class VideoGRPOTrainer:
         while self.global_step < args.max_steps:
             groups = [self.rollout(self._next_record())
                       for _ in range(recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size)]
-            with (out / "completions.jsonl").open("a", encoding="utf-8") as f:
-                for g in groups:
-                    self.completions.extend(g["log"])
-                    f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in g["log"])
+            rows = self.parallel.gather([row for g in groups for row in g["log"]])
+            self.completions.extend(rows)
+            if self.parallel.is_main:
+                with (out / "completions.jsonl").open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
             start = self.global_step
             for _ in range(args.num_iterations):
                 if self.global_step >= args.max_steps:
                     break
                 step_metrics = self.optimizer_step(groups)
-                for g in groups:
-                    for k, v in g["metrics"].items():
-                        pending[k].append(v)
-                for k, v in step_metrics.items():
+                for k, v in self.parallel.average_metrics(_mean_metrics(groups, step_metrics)).items():
                     pending[k].append(v)
                 if self.global_step % args.logging_steps == 0 or self.global_step == args.max_steps:
                     self.log({k: sum(v) / len(v) for k, v in pending.items()}, out)
@@ -484,8 +499,9 @@ class VideoGRPOTrainer:
                     and self.global_step < args.max_steps:
                 self.save_checkpoint()
         self.model.eval()
-        if recipe.eval_data:
+        if recipe.eval_data and self.parallel.is_main:
             self.evaluate()
+        self.parallel.barrier()
         return self
 
     def optimizer_step(self, groups: list[dict]) -> dict[str, float]:
@@ -505,6 +521,7 @@ class VideoGRPOTrainer:
                 for k, v in metrics.items():
                     totals[k].append(v)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.parallel.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -515,11 +532,15 @@ class VideoGRPOTrainer:
     def log(self, metrics: dict[str, float], out: Path):
         row = {"step": self.global_step, **metrics}
         self.log_history.append(row)
-        logger.info("%s", row)
-        with (out / "log.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.parallel.is_main:
+            logger.info("%s", row)
+            with (out / "log.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
     def save_model(self, path: str | Path):
+        """The model (or adapter), processor and scoring defaults; the main process writes them."""
+        if not self.parallel.is_main:
+            return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
@@ -534,28 +555,41 @@ class VideoGRPOTrainer:
         folder renamed at the end, so a run killed while saving leaves no half checkpoint behind."""
         path = Path(path) if path is not None else Path(self.recipe.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.global_step}"
         tmp = path.with_name(f"tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.save_model(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-        torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_NAME)
-        torch.save(_rng_state(), tmp / RNG_STATE_NAME)
-        TrainerState(global_step=self.global_step, max_steps=self.args.max_steps, logging_steps=self.args.logging_steps,
-                     save_steps=self.args.save_steps, log_history=self.log_history).save_to_json(str(tmp / TRAINER_STATE_NAME))
-        loop = {"data_order": self._order, "pending_metrics": self._pending}
-        (tmp / LOOP_STATE_NAME).write_text(json.dumps(loop), encoding="utf-8")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        if self.parallel.is_main:  # weights, optimizer and loop state are the same in every process
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.save_model(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+            torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_NAME)
+            TrainerState(global_step=self.global_step, max_steps=self.args.max_steps, logging_steps=self.args.logging_steps,
+                         save_steps=self.args.save_steps, log_history=self.log_history).save_to_json(str(tmp / TRAINER_STATE_NAME))
+            loop = {"data_order": self._order, "pending_metrics": self._pending}
+            (tmp / LOOP_STATE_NAME).write_text(json.dumps(loop), encoding="utf-8")
+        self.parallel.barrier()
+        torch.save(_rng_state(), tmp / self._rng_file())  # each process's own generators
+        self.parallel.barrier()
+        if self.parallel.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        self.parallel.barrier()
         return path
+
+    def _rng_file(self) -> str:
+        """HF Trainer's name: rng_state.pth alone, rng_state_<rank>.pth with several processes."""
+        return RNG_STATE_NAME if self.parallel.world_size == 1 else f"rng_state_{self.parallel.rank}.pth"
 
     def resume(self, checkpoint: str | Path | bool):
         """Restore weights, optimizer, scheduler, RNG, step, data position and pending metrics from a
         checkpoint (True or "last": the newest in output_dir), and cut output_dir's log.jsonl and
         completions.jsonl back to that step, so the files read as if the run had never stopped."""
         path = self._checkpoint_path(checkpoint)
-        missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
+        missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
                    if not (path / name).is_file()]
         if missing:
             raise ValueError(f"{path} is not a GRPO checkpoint of this trainer: missing {', '.join(missing)}")
+        if not (path / self._rng_file()).is_file():
+            saved = sorted(p.name for p in path.glob("rng_state*.pth"))
+            raise ValueError(f"{path} has no {self._rng_file()} for this process (it holds {saved or 'none'}); "
+                             f"resume with as many processes as the run that saved it ({max(len(saved), 1)})")
         self._load_weights(path)
         self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, weights_only=True))
@@ -568,8 +602,10 @@ class VideoGRPOTrainer:
         self._order = list(loop["data_order"])
         self._pending.clear()
         self._pending.update({k: list(v) for k, v in loop["pending_metrics"].items()})
-        _set_rng_state(torch.load(path / RNG_STATE_NAME, weights_only=False))
-        self._rewind_logs(Path(self.recipe.output_dir))
+        _set_rng_state(torch.load(path / self._rng_file(), weights_only=False))
+        if self.parallel.is_main:
+            self._rewind_logs(Path(self.recipe.output_dir))
+        self.parallel.barrier()
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _checkpoint_path(self, checkpoint: str | Path | bool) -> Path:
@@ -630,6 +666,15 @@ class VideoGRPOTrainer:
         write_eval(result, out / "eval.json")
         self.log(eval_metrics(result), out)
         return result
+
+
+def _mean_metrics(groups: list[dict], step_metrics: dict[str, float]) -> dict[str, float]:
+    """An optimizer step's metrics: each rollout metric averaged over the step's groups, then the update's."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for group in groups:
+        for key, value in group["metrics"].items():
+            values[key].append(value)
+    return {**{key: sum(v) / len(v) for key, v in values.items()}, **step_metrics}
 
 
 def _line_step(line: str) -> float:
