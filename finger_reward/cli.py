@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from finger_reward.errors import FingerError
+from finger_reward.jsonl import read_jsonl
 from finger_reward.pretrained import SLOWFAST_THRESHOLD
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import json_safe
@@ -294,14 +295,11 @@ def read_video_prompts(path: str | Path, video_dir: str | Path) -> list[tuple[st
     path, pairs = Path(path), []
     if not path.is_file():
         raise FingerError(f"prompts file {path} not found")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, record in read_jsonl(path, objects=True):
         try:
-            record = json.loads(line)
             pairs.append((str(Path(video_dir) / record["video"]), str(record["prompt"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FingerError(f'{path}, line {number}: expected {{"video": ..., "prompt": ...}}') from None
+        except (KeyError, TypeError):
+            raise FingerError(f'{where}: expected {{"video": ..., "prompt": ...}}') from None
     return pairs
 
 
@@ -385,18 +383,14 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FingerError(f"prompts file {path} not found")
+    if path.suffix != ".jsonl":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-            prompts.append(record if isinstance(record, str) else record["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FingerError(f"{path}, line {number}: expected a JSON string or an object with a \"prompt\" field") from None
+    for where, record in read_jsonl(path):
+        prompt = record.get("prompt") if isinstance(record, dict) else record
+        if not isinstance(prompt, str):
+            raise FingerError(f'{where}: expected a JSON string or an object with a "prompt" string')
+        prompts.append(prompt)
     return prompts
 
 

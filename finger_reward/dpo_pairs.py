@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from finger_reward.jsonl import drop_torn_tail, read_jsonl
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import json_safe
 
@@ -219,14 +220,15 @@ def _append(path: Path, records: list[dict]) -> None:
 
 def _done_prompts(path: Path) -> set[str]:
     """Prompts recorded in a JSONL file; a torn last line (an interrupted write) is dropped."""
+    drop_torn_tail(path)
     if not path.exists():
         return set()
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        logger.warning("%s ends in an incomplete line (an interrupted run); dropping it", path)
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text, encoding="utf-8")
-    return {json.loads(line)["prompt"] for line in text.splitlines() if line.strip()}
+    done = set()
+    for where, record in read_jsonl(path, objects=True):
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where}: no \"prompt\" string; not a line select_dpo_pairs wrote")
+        done.add(record["prompt"])
+    return done
 
 
 def _check_settings(path: Path, settings: dict) -> None:

@@ -16,7 +16,6 @@ model is trained on is what it is asked at inference.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -30,6 +29,7 @@ import torch
 from finger_reward import prompts
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.errors import FingerError
+from finger_reward.jsonl import JsonlError, read_jsonl
 from finger_reward.questions.record import Question
 from finger_reward.scoring import RATING_LEVELS
 from finger_reward.video import Clip, SlowFast, load_video
@@ -139,19 +139,17 @@ def load_instruct(path: str | Path, *, mode: str | None = None, video_root: str 
     if not path.is_file():
         raise InstructError(f"FingER-Instruct file {path} not found")
     root = Path(video_root) if video_root is not None else path.parent
-    records, with_yes_no = [], []
-    with path.open("rb") as lines:  # decoded per line, so a non-UTF-8 line is reported by number
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = _parse_line(line, where, root, mode)
-            except (UnicodeDecodeError, json.JSONDecodeError, FingerError) as err:
-                raise InstructError(f"{where}: {err}") from None
+    records, with_yes_no, where = [], [], str(path)
+    try:
+        for where, row in read_jsonl(path):
+            record = _parse_row(row, where, root, mode)
             if mode == "reason" and _YES_NO_WORD.search(record.reason):
                 with_yes_no.append(where)
             records.append(record)
+    except JsonlError as err:
+        raise InstructError(str(err)) from None
+    except FingerError as err:
+        raise InstructError(f"{where}: {err}") from None
     if not records:
         raise InstructError(f"{path} holds no records")
     if with_yes_no:
@@ -162,8 +160,8 @@ def load_instruct(path: str | Path, *, mode: str | None = None, video_root: str 
     return records
 
 
-def _parse_line(line: bytes, where: str, root: Path, mode: str | None) -> InstructRecord:
-    record = InstructRecord.from_dict(json.loads(line.decode("utf-8")), source=where)
+def _parse_row(row, where: str, root: Path, mode: str | None) -> InstructRecord:
+    record = InstructRecord.from_dict(row, source=where)
     video = Path(record.video)
     video = video if video.is_absolute() else root / video
     if not video.is_file():

@@ -11,12 +11,12 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from finger_reward.jsonl import read_jsonl
 from finger_reward.metrics import plcc, srcc
 from finger_reward.questions.record import DIMENSIONS
 from finger_reward.results import VideoScore
@@ -49,20 +49,15 @@ def load_results(path: str | Path) -> list[tuple[VideoScore, dict | None]]:
     """Read RESULTS.jsonl: one `VideoScore.to_dict()` per line, optionally with a "human" score dict."""
     path = Path(path)
     results = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, data in read_jsonl(path, objects=True):
         try:
-            results.append(_parse_line(line))
+            results.append(_parse_record(data))
         except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{path}, line {number}: not a result record ({err})") from None
+            raise ValueError(f"{where}: not a result record ({err})") from None
     return results
 
 
-def _parse_line(line: str) -> tuple[VideoScore, dict | None]:
-    data = json.loads(line)
-    if not isinstance(data, dict):
-        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+def _parse_record(data: dict) -> tuple[VideoScore, dict | None]:
     human = data.get("human")
     if human is not None and not isinstance(human, dict):
         raise TypeError(f"'human' must be an object of scores, got {type(human).__name__}")

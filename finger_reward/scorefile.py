@@ -7,42 +7,31 @@ reads them.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
+from finger_reward.errors import FingerError
+from finger_reward.jsonl import drop_torn_tail, read_jsonl
 from finger_reward.results import VideoScore, json_safe
-
-logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (video, prompt)
 
 
 def load_scores(path: str | Path) -> dict[Key, VideoScore]:
-    """Results by (video, prompt); a line cut short by a killed run is skipped."""
+    """Results by (video, prompt); a last line cut short by a killed run is skipped, any other bad line is an error."""
     scores = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for where, record in read_jsonl(path, torn_tail="skip", objects=True):
         try:
-            result = VideoScore.from_dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError, KeyError):
-            continue
+            result = VideoScore.from_dict(record)
+        except (TypeError, KeyError, ValueError) as err:
+            raise FingerError(f"{where}: not a result record ({err}); delete the line to score its video again") from None
         scores[(result.video, result.prompt)] = result
     return scores
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut a last line that a killed run left unfinished, so appending starts on a fresh line."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep)
-        path.write_bytes(data[:keep])
 
 
 def pending(keys: list[Key], path: str | Path) -> tuple[dict[Key, VideoScore], list[Key]]:
     """The results already in `path` (after cutting a line a killed run left unfinished) and the keys still to score."""
     path = Path(path)
-    if path.exists():
-        _drop_partial_line(path)
+    drop_torn_tail(path)
     done = load_scores(path) if path.exists() else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     return done, [key for key in dict.fromkeys(keys) if key not in done]

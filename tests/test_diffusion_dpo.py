@@ -219,7 +219,7 @@ def test_read_pairs_resolves_paths_and_names_missing_keys(pairs_file, tmp_path):
     assert [p["chosen"] for p in pairs] == [str(pairs_file.parent / "w0.mp4"), str(pairs_file.parent / "w1.mp4")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": PROMPT, "chosen": "a.mp4"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: missing key\\(s\\) rejected"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: missing key\\(s\\) rejected"):
         read_pairs(bad)
 
 

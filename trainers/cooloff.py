@@ -27,6 +27,7 @@ from pathlib import Path
 
 from finger_reward.errors import FingerError
 from finger_reward.instruct import InstructError, InstructRecord, load_instruct
+from finger_reward.jsonl import JsonlError, read_jsonl
 from finger_reward.questions.record import QUESTION_FIELDS
 from finger_reward.rewards import accuracy_reward, format_reward, parse_completion
 
@@ -42,22 +43,14 @@ def read_rollouts(path: str | Path) -> Iterator[tuple[str, dict]]:
         path = path / COMPLETIONS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; point at a trainers/grpo.py output_dir or its {COMPLETIONS_FILE}")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines) and not line.endswith("\n"):
-                logger.warning("%s: skipping a last line left unfinished by an interrupted run", where)
-                return
-            raise InstructError(f"{where}: not valid JSON ({err.msg})") from None
-        missing = [key for key in ("completion", "answer", "video", "question") if key not in row]
-        if missing:
-            raise InstructError(f"{where}: missing field(s) {', '.join(missing)}; not a trainers/grpo.py rollout line")
-        yield where, row
+    try:
+        for where, row in read_jsonl(path, torn_tail="skip", objects=True):
+            missing = [key for key in ("completion", "answer", "video", "question") if key not in row]
+            if missing:
+                raise InstructError(f"{where}: missing field(s) {', '.join(missing)}; not a trainers/grpo.py rollout line")
+            yield where, row
+    except JsonlError as err:
+        raise InstructError(str(err)) from None
 
 
 def correct_rollouts(path: str | Path, *, data: str | Path | None = None) -> list[InstructRecord]:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from finger_reward.errors import VideoError
+from finger_reward.jsonl import read_jsonl
 from finger_reward.recipes import from_yaml, undo_yaml_coercion, parse_recipe
 from finger_reward.trainers.flow_matching import (
     add_lora,
@@ -176,13 +177,10 @@ def read_pairs(path: str | Path) -> list[dict]:
     """The pairs of a JSONL file, with video paths made absolute (relative ones are read from its folder)."""
     path = Path(path)
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for where, record in read_jsonl(path, objects=True):
         missing = [k for k in PAIR_KEYS if k not in record]
         if missing:
-            raise ValueError(f"{path}:{number}: missing key(s) {', '.join(missing)}; each pair needs {', '.join(PAIR_KEYS)}")
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}; each pair needs {', '.join(PAIR_KEYS)}")
         pair = {"prompt": str(record["prompt"])}
         for key in ("chosen", "rejected"):
             video = Path(record[key])

@@ -7,7 +7,6 @@ scorer, per video. Each bad record raises `BenchmarkError` naming the file, line
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ from finger_reward.evaluation.records import (
     BenchmarkError,
     RatedVideo,
 )
-from finger_reward.evaluation.tables import read_rows, resolve_video, text
+from finger_reward.evaluation.tables import load_json, read_rows, resolve_video, text
 from finger_reward.questions.record import Question
 from finger_reward.scoring import dimension_scores, overall_score
 
@@ -104,10 +103,7 @@ def load_genai_bench_ratings(path: str | Path, video_root: str | Path | None = N
     if not path.is_file():
         raise FileNotFoundError(f"GenAI-Bench-Video ratings file not found: {path}")
     root = _root(path, video_root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BenchmarkError(str(path), None, f"not valid JSON ({err.msg})") from None
+    data = load_json(path)
     if not isinstance(data, dict) or not data:
         raise BenchmarkError(str(path), None, "expected a non-empty JSON object keyed by prompt id (genai_video.json)")
     items = []
@@ -154,11 +150,7 @@ def genai_bench_form(path: str | Path) -> str:
     if path.is_dir():
         return "ratings"
     if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(str(path), None, f"not valid JSON ({err.msg})") from None
-        return "ratings" if isinstance(data, dict) else "pairs"
+        return "ratings" if isinstance(load_json(path), dict) else "pairs"
     return "pairs"
 
 

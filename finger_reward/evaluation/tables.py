@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from finger_reward.evaluation.records import BenchmarkError
+from finger_reward.jsonl import JsonlError, read_jsonl
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -29,20 +30,22 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(where, None, f"not valid JSON ({err.msg})") from None
-            yield where, _as_dict(row, where)
+    try:
+        yield from read_jsonl(path, objects=True)
+    except JsonlError as err:
+        raise BenchmarkError(err.where, None, err.reason) from None
+
+
+def load_json(path: Path):
+    """A whole .json file; invalid JSON is a `BenchmarkError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BenchmarkError(str(path), None, f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
 
 
 def _json_list(path: Path) -> Iterator[tuple[str, dict]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = load_json(path)
     if not isinstance(data, list):
         raise BenchmarkError(str(path), None, f"expected a JSON list of objects, got {type(data).__name__}")
     for index, row in enumerate(data):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from finger_reward.errors import QuestionError
+from finger_reward.jsonl import JsonlError, read_jsonl
 from finger_reward.questions.record import Question
 
 
@@ -52,15 +53,14 @@ class QuestionBank:
         path = Path(path)
         if not path.is_file():
             raise QuestionError(f"question bank {path} not found")
-        bank = cls()
-        with path.open("rb") as lines:  # decoded line by line, so a non-UTF-8 line is reported by number
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    bank.add([Question.from_dict(json.loads(line.decode("utf-8")))])
-                except (UnicodeDecodeError, json.JSONDecodeError, QuestionError) as err:
-                    raise QuestionError(f"{path}, line {number}: {err}") from None
+        bank, where = cls(), str(path)
+        try:
+            for where, record in read_jsonl(path):
+                bank.add([Question.from_dict(record)])
+        except JsonlError as err:
+            raise QuestionError(str(err)) from None
+        except QuestionError as err:
+            raise QuestionError(f"{where}: {err}") from None
         return bank
 
     def to_jsonl(self, path: str | Path) -> Path:
