@@ -129,6 +129,18 @@ def test_grpo_steps_change_the_weights(tiny_model_dir, world, records, tmp_path)
     assert trainer.args.num_generations == 3 and trainer.args.beta == 0.04 and trainer.args.epsilon == 0.2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loaded_model_trains_on_the_gpu_in_bf16(tiny_model_dir, world, records, tmp_path):
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "gpu", max_steps=2, bf16=True)
+    trainer = VideoGRPOTrainer(recipe, records=records, reward_funcs=[accuracy_reward, format_reward, _lengths])
+    assert trainer.device.type == "cuda" and trainer.ref_model is not None
+    before = _weights(trainer.model)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.log_history)
+    assert any(not torch.equal(before[n], p) for n, p in _weights(trainer.model).items())
+
+
 def test_lora_run_with_default_rewards(tiny_model_dir, world, tmp_path):
     """`train(recipe)` end to end with LoRA: the reference is the model with adapters disabled."""
     recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path / "lora", lora=True, lora_target_modules="all-linear",
