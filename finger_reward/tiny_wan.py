@@ -43,8 +43,13 @@ def build_tiny_umt5_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
-def build_tiny_wan_pipeline(seed: int = 0):
-    """A tiny random `WanPipeline` (2-layer transformer, 16-channel VAE latent, 2-layer UMT5); CPU, float32."""
+def build_tiny_wan_pipeline(seed: int = 0, *, ti2v: bool = False):
+    """A tiny random `WanPipeline` (2-layer transformer, 16-channel VAE latent, 2-layer UMT5); CPU, float32.
+
+    `ti2v=True` gives Wan2.2-TI2V-5B's layout instead: a 48-channel latent from a residual VAE that
+    patchifies 2x2 (16x spatial compression, so sizes are multiples of 32) and per-token timesteps
+    (`expand_timesteps`).
+    """
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -56,24 +61,31 @@ def build_tiny_wan_pipeline(seed: int = 0):
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    if ti2v:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    channels = vae.config.z_dim
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels, out_channels=channels,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if ti2v else 7.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
-                       scheduler=scheduler, transformer=transformer.eval())
+                       scheduler=scheduler, transformer=transformer.eval(), expand_timesteps=ti2v)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0, *, ti2v: bool = False) -> Path:
     """Save the tiny pipeline with `save_pretrained`; `WanPipeline.from_pretrained(out_dir)` reloads it offline."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_tiny_wan_pipeline(seed).save_pretrained(out)
+    build_tiny_wan_pipeline(seed, ti2v=ti2v).save_pretrained(out)
     return out

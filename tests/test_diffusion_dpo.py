@@ -189,6 +189,20 @@ def test_bf16_on_the_gpu_starts_at_ln2_and_keeps_lora_weights_float32(wan_dir, p
     assert lora == {torch.float32} and torch.bfloat16 in frozen
 
 
+def test_wan22_ti2v_layout_starts_at_ln2(pairs_file, tmp_path):
+    """Wan2.2-TI2V-5B's layout (48-channel latents from a patchifying 16x VAE): pairs encode, the first loss is ln 2."""
+    from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+    recipe = DPORecipe(pairs_file=str(pairs_file), output_dir=str(tmp_path / "ti2v"), max_steps=2, save_steps=0,
+                       **{**TINY, "height": 64, "width": 64})
+    history = train(recipe, pipe=build_tiny_wan_pipeline(seed=0, ti2v=True))["history"]
+    assert history[0]["loss"] == pytest.approx(LN2, abs=1e-5) and math.isfinite(history[1]["loss"])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        train(DPORecipe(pairs_file=str(pairs_file), output_dir=str(tmp_path / "bad"), max_steps=1,
+                        **{**TINY, "height": 48}),
+              pipe=build_tiny_wan_pipeline(seed=0, ti2v=True))
+
+
 def test_cli_with_the_yaml_recipe_and_overrides(wan_dir, pairs_file, tmp_path):
     """One optimizer step of two accumulated micro-steps, gradient checkpointing on, pipeline loaded from its folder."""
     out = tmp_path / "cli"

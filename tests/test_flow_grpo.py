@@ -319,6 +319,31 @@ def test_bf16_on_the_gpu_samples_scores_and_updates(files, tiny_model_dir, tmp_p
     assert lora == {torch.float32}
 
 
+def test_wan22_ti2v_layout_trains_and_its_per_token_timesteps_equal_one_per_video(files, tiny_model_dir, tmp_path):
+    """Wan2.2-TI2V-5B's layout (48-channel latents, 16x VAE with patchify, expand_timesteps): one step runs, and
+    the sampler's one timestep per video gives the velocity the pipeline's per-token timesteps give."""
+    from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0, ti2v=True)
+    x, embeds = torch.randn(2, 48, 2, 4, 4), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        per_video = predict_velocity(pipe.transformer, x, torch.tensor([0.3, 0.8]), embeds)
+        tokens = 2 * (4 // 2) * (4 // 2)
+        per_token = pipe.transformer(hidden_states=x, timestep=torch.tensor([[300.0] * tokens, [800.0] * tokens]),
+                                     encoder_hidden_states=embeds, return_dict=False)[0]
+    torch.testing.assert_close(per_video, per_token, atol=1e-5, rtol=1e-5)
+
+    sizes = {**TINY, "height": 64, "width": 64}
+    recipe = FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=1,
+                            output_dir=str(tmp_path / "ti2v"), **sizes)
+    history = train(recipe, pipe=pipe)
+    assert len(history) == 1 and math.isfinite(history[0]["reward_mean"]) and math.isfinite(history[0]["policy_loss"])
+    with pytest.raises(ValueError, match="multiples of 32; got num_frames=5, height=48"):
+        train(FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=1,
+                             output_dir=str(tmp_path / "bad"), **{**sizes, "height": 48}),
+              pipe=build_tiny_wan_pipeline(seed=0, ti2v=True))
+
+
 def test_service_rewards_match_local_scores(files, tiny_model_dir):
     """reward_url: a real FingER service scores each group (in a thread, while the next group is sampled)."""
     reward = FingerReward.from_pretrained(tiny_model_dir)

@@ -55,10 +55,11 @@ from tqdm.auto import tqdm
 
 from finger_reward.errors import VideoError
 from finger_reward.jsonl import read_jsonl
-from finger_reward.recipes import from_yaml, undo_yaml_coercion, parse_recipe
+from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
     add_lora,
     add_noise,
+    check_pipeline,
     encode_prompts,
     encode_videos,
     logit_normal_sigmas,
@@ -288,12 +289,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
 
         dtype = {"default": MIXED_PRECISION[recipe.mixed_precision], "vae": torch.float32}  # Wan's VAE wants float32
         pipe = DiffusionPipeline.from_pretrained(recipe.pretrained_model, dtype=dtype)
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError("pipelines with two transformer experts (Wan 2.2 A14B) are not supported yet; use one with "
-                         "a single transformer (Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B)")
-    if getattr(pipe.transformer, "peft_config", None):
-        raise ValueError(f"the transformer already has adapter(s) {sorted(pipe.transformer.peft_config)}; "
-                         "fuse or unload them (pipe.fuse_lora(); pipe.unload_lora_weights()) before training a new one")
+    check_pipeline(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     pairs = read_pairs(recipe.pairs_file)

@@ -55,7 +55,7 @@ import torch
 
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
-    add_lora, decode_latents, encode_prompts, lora_parameters, per_sample, predict_velocity, save_lora,
+    add_lora, check_pipeline, decode_latents, encode_prompts, lora_parameters, per_sample, predict_velocity, save_lora,
 )
 
 logger = logging.getLogger(__name__)
@@ -494,15 +494,6 @@ def load_reward(recipe: FlowGRPORecipe, device):
                                         device=recipe.reward_device or device, on_error="nan")
 
 
-def _check_pipeline(pipe) -> None:
-    config = getattr(pipe, "config", {})
-    if getattr(pipe, "transformer_2", None) is not None or config.get("expand_timesteps"):
-        raise ValueError(f"{type(pipe).__name__} uses two transformers or per-token timesteps (Wan2.2); "
-                         "this trainer supports single-transformer Wan2.1-style pipelines")
-    if not hasattr(pipe, "save_lora_weights"):
-        raise ValueError(f"{type(pipe).__name__} has no LoRA loader (save_lora_weights); use a WanPipeline")
-
-
 def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
           on_rollouts: Callable[[int, list[Rollout]], Any] | None = None) -> list[dict[str, float]]:
     """Run Flow-GRPO for `recipe.max_steps` steps and save the LoRA; returns each step's metrics.
@@ -521,7 +512,7 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     torch.manual_seed(recipe.seed + rank)
     prompts = read_prompts(recipe.prompts)
     pipe = pipe if pipe is not None else load_pipeline(recipe.pipeline, MIXED_PRECISION[recipe.mixed_precision])
-    _check_pipeline(pipe)
+    check_pipeline(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     pipe.to(accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
