@@ -19,6 +19,7 @@ from finger_reward.trainers.flow_grpo import (
     sde_step, train,
 )
 from finger_reward.trainers.flow_matching import predict_velocity
+from finger_reward.trainers.video_models import video_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flow_grpo_wan.yaml"
 PROMPTS = ["a red circle moves left", "a dog runs across the road", "a blue ball flies up"]
@@ -216,11 +217,12 @@ def run(files, tiny_model_dir):
     pipe = load_pipeline(str(files["pipeline"]), torch.float32)
     recipe = FlowGRPORecipe(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
                             output_dir=str(files["root"] / "out"), max_steps=2, save_steps=1, **TINY)
+    video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     seen = {}
 
     def on_rollouts(step, rollouts):  # before the update: the transformer is the policy that sampled
-        seen[step] = {"rollouts": rollouts, "recomputed": [rollout_log_probs(pipe.transformer, r) for r in rollouts],
-                      "reference": [_with_adapter_off(pipe.transformer, r) for r in rollouts]}
+        seen[step] = {"rollouts": rollouts, "recomputed": [rollout_log_probs(video, pipe.transformer, r) for r in rollouts],
+                      "reference": [_with_adapter_off(video, pipe.transformer, r) for r in rollouts]}
         if step == 1:
             seen["weights"] = snapshot(pipe)
 
@@ -228,9 +230,9 @@ def run(files, tiny_model_dir):
     return {"pipe": pipe, "recipe": recipe, "history": history, "seen": seen}
 
 
-def _with_adapter_off(transformer, rollout):
+def _with_adapter_off(video, transformer, rollout):
     with reference_model(transformer):
-        return rollout_log_probs(transformer, rollout)
+        return rollout_log_probs(video, transformer, rollout)
 
 
 def test_recorded_log_probs_equal_a_recomputation(run):
@@ -303,11 +305,12 @@ def test_bf16_on_the_gpu_samples_scores_and_updates(files, tiny_model_dir, tmp_p
     pipe = load_pipeline(str(files["pipeline"]), torch.bfloat16)
     recipe = FlowGRPORecipe(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
                             output_dir=str(tmp_path / "bf16"), max_steps=2, **{**TINY, "mixed_precision": "bf16"})
+    video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     seen = {}
 
     def on_rollouts(step, rollouts):
         with torch.autocast(pipe.transformer.device.type, dtype=torch.bfloat16):
-            seen[step] = [(r.log_probs, rollout_log_probs(pipe.transformer, r)) for r in rollouts]
+            seen[step] = [(r.log_probs, rollout_log_probs(video, pipe.transformer, r)) for r in rollouts]
 
     history = train(recipe, pipe=pipe, on_rollouts=on_rollouts)
     assert pipe.transformer.device.type == "cuda" and len(history) == 2
@@ -342,6 +345,56 @@ def test_wan22_ti2v_layout_trains_and_its_per_token_timesteps_equal_one_per_vide
         train(FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=1,
                              output_dir=str(tmp_path / "bad"), **{**sizes, "height": 48}),
               pipe=build_tiny_wan_pipeline(seed=0, ti2v=True))
+
+
+def test_ltx_video_trains_with_recomputable_log_probs_and_its_lora_loads(files, tiny_model_dir, tmp_path):
+    """LTX-Video (packed latent tokens, text mask, shifted sigmas): rollouts decode to frames, the recorded
+    log-probs equal a recomputation, the FingER rewards are finite, and the saved LoRA loads into LTXPipeline."""
+    from diffusers import LTXPipeline
+
+    from finger_reward.tiny_ltx import build_tiny_ltx_pipeline, make_tiny_ltx_pipeline
+
+    pipe = build_tiny_ltx_pipeline(seed=0)
+    recipe = FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=2,
+                            output_dir=str(tmp_path / "ltx"), **{**TINY, "num_frames": 9})
+    video = video_model(pipe, num_frames=9, height=32, width=32)
+    seen = {}
+
+    def on_rollouts(step, rollouts):
+        seen[step] = [(r, rollout_log_probs(video, pipe.transformer, r)) for r in rollouts]
+
+    history = train(recipe, pipe=pipe, on_rollouts=on_rollouts)
+    assert len(history) == 2 and all(math.isfinite(h["reward_mean"]) for h in history)
+    for rollout, recomputed in seen[1]:
+        assert rollout.frames.shape == (2, 9, 32, 32, 3) and rollout.trajectory.shape[:3] == (2, 4, 3 * 8 * 8)
+        assert set(rollout.text) == {"encoder_hidden_states", "encoder_attention_mask"}
+        torch.testing.assert_close(recomputed, rollout.log_probs, atol=1e-4, rtol=0)
+    assert history[1]["start_log_ratio"] < 1e-3
+
+    fresh = LTXPipeline.from_pretrained(make_tiny_ltx_pipeline(tmp_path / "ltx_pipe"))
+    x, sigmas = torch.randn(1, 3 * 8 * 8, 8), torch.tensor([0.6])
+    text = video.encode_prompts(["a red circle moves"], 16)
+    fresh_video = video_model(fresh, num_frames=9, height=32, width=32)
+    with torch.no_grad():
+        base = fresh_video.velocity(fresh.transformer, x, sigmas, text)
+        fresh.load_lora_weights(tmp_path / "ltx")
+        loaded = fresh_video.velocity(fresh.transformer, x, sigmas, text)
+        trained = video.velocity(pipe.transformer, x, sigmas, text)
+    assert (trained - base).abs().max() > 1e-5
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_video_model_refuses_what_it_cannot_train():
+    from finger_reward.tiny_ltx import build_tiny_ltx_pipeline
+    from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+    with pytest.raises(ValueError, match="num_frames = 4k \\+ 1 and height, width multiples of 4; got num_frames=8"):
+        video_model(build_tiny_ltx_pipeline(), num_frames=8, height=32, width=32)
+    with pytest.raises(ValueError, match="multiples of 16; got num_frames=5, height=40"):
+        video_model(build_tiny_wan_pipeline(), num_frames=5, height=40, width=32)
+    with pytest.raises(ValueError, match="is not supported; the trainers take"):
+        video_model(type("CogVideoXPipeline", (), {"save_lora_weights": None, "transformer": None})(),
+                    num_frames=5, height=32, width=32)
 
 
 def test_service_rewards_match_local_scores(files, tiny_model_dir):

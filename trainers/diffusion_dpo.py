@@ -1,4 +1,4 @@
-"""Diffusion-DPO for flow-matching text-to-video transformers (Wan 2.1 first), training a LoRA policy.
+"""Diffusion-DPO for flow-matching text-to-video transformers (Wan, LTX-Video), training a LoRA policy.
 
 The algorithm (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
 CVPR 2024), in the rectified-flow form of `trainers/flow_matching.py`:
@@ -36,6 +36,10 @@ Use the result:
 
     pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16)
     pipe.load_lora_weights("runs/dpo_wan")
+
+Pipelines: WanPipeline (Wan2.1-T2V 1.3B / 14B, Wan2.2-TI2V-5B) and LTXPipeline (LTX-Video 0.9.x:
+`--pretrained_model Lightricks/LTX-Video --height 480 --width 704 --num_frames 121
+--max_sequence_length 128`); `trainers/video_models.py` holds what differs between them.
 """
 
 from __future__ import annotations
@@ -59,15 +63,12 @@ from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
     add_lora,
     add_noise,
-    check_pipeline,
-    encode_prompts,
-    encode_videos,
     logit_normal_sigmas,
     lora_parameters,
-    predict_velocity,
     save_lora,
     velocity_target,
 )
+from finger_reward.trainers.video_models import cat_texts, video_model
 from finger_reward.video import load_video
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class DPORecipe:
     """Every setting of a Diffusion-DPO run; `configs/dpo_wan.yaml` sets them for Wan2.1-T2V-1.3B."""
 
     pretrained_model: str = field(default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-                                  metadata={"help": "diffusers pipeline folder or hub id (WanPipeline layout)"})
+                                  metadata={"help": "diffusers pipeline folder or hub id (WanPipeline or LTXPipeline)"})
     pairs_file: str | None = field(default=None, metadata={"help": "pairs.jsonl with prompt, chosen, rejected (required)"})
     output_dir: str | None = field(default=None, metadata={"help": "where the LoRA and checkpoint-N/ go (required)"})
     beta: float = field(default=5000.0, metadata={
@@ -131,7 +132,7 @@ class DPORecipe:
     batch_size: int = field(default=1, metadata={"help": "pairs per process per micro-step (2x videos per forward)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    num_frames: int = field(default=81, metadata={"help": "frames per video, 4k + 1 (Wan's VAE); the first ones are kept"})
+    num_frames: int = field(default=81, metadata={"help": "frames per video, 4k + 1 (LTX: 8k + 1); the first ones are kept"})
     height: int = field(default=480, metadata={"help": "frame height, a multiple of 16 (resize to cover, centre crop)"})
     width: int = field(default=832, metadata={"help": "frame width, a multiple of 16"})
     max_sequence_length: int = field(default=512, metadata={"help": "prompt tokens (WanPipeline's default 512)"})
@@ -213,17 +214,25 @@ def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tens
 
 
 @torch.no_grad()
-def cache_pairs(pipe, pairs: list[dict], recipe: DPORecipe, show_progress: bool = True) -> list[dict]:
-    """VAE latents of each pair's two videos and the prompt's text states, computed once, kept on the CPU."""
-    cache, prompt_states = [], {}
+def cache_pairs(model, pairs: list[dict], recipe: DPORecipe, show_progress: bool = True) -> list[dict]:
+    """VAE latents of each pair's two videos and the prompt's text inputs, computed once, kept on the CPU."""
+    cache, prompt_texts = [], {}
     for pair in tqdm(pairs, desc="encoding pairs", disable=not show_progress):
         videos = torch.stack([load_clip(pair[k], recipe.num_frames, recipe.height, recipe.width)
                               for k in ("chosen", "rejected")])
-        latents = encode_videos(pipe, videos).float().cpu()
-        if pair["prompt"] not in prompt_states:
-            prompt_states[pair["prompt"]] = encode_prompts(pipe, [pair["prompt"]], recipe.max_sequence_length)[0].cpu()
-        cache.append({"chosen": latents[0], "rejected": latents[1], "prompt_embeds": prompt_states[pair["prompt"]]})
+        latents = model.encode_videos(videos).float().cpu()
+        if pair["prompt"] not in prompt_texts:
+            text = model.encode_prompts([pair["prompt"]], recipe.max_sequence_length)
+            prompt_texts[pair["prompt"]] = {key: value[0].cpu() for key, value in text.items()}
+        cache.append({"chosen": latents[0], "rejected": latents[1], "text": prompt_texts[pair["prompt"]]})
     return cache
+
+
+def collate(items: list[dict], device) -> dict:
+    """Cached pairs as one batch on `device` (the text inputs stay a dict)."""
+    batch = {key: torch.stack([item[key] for item in items]).to(device) for key in ("chosen", "rejected")}
+    batch["text"] = {key: torch.stack([item["text"][key] for item in items]).to(device) for key in items[0]["text"]}
+    return batch
 
 
 def batches(num_items: int, batch_size: int, generator: torch.Generator):
@@ -247,13 +256,12 @@ def adapters_disabled(transformer):
         transformer.enable_adapters()
 
 
-def pair_errors(transformer, batch: dict, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_errors(model, transformer, batch: dict, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample mean squared velocity errors (err_w, err_l): both videos noised with the same noise and sigma,
     predicted in one forward pass of 2B videos."""
     latents = torch.cat([batch["chosen"], batch["rejected"]])
     noise, sigmas = torch.cat([noise, noise]), torch.cat([sigmas, sigmas])
-    prompt_embeds = torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]])
-    pred = predict_velocity(transformer, add_noise(latents, noise, sigmas), sigmas, prompt_embeds)
+    pred = model.velocity(transformer, add_noise(latents, noise, sigmas), sigmas, cat_texts([batch["text"]] * 2))
     err = (pred.float() - velocity_target(latents, noise).float()).pow(2).flatten(1).mean(1)
     return err.chunk(2)
 
@@ -289,7 +297,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
 
         dtype = {"default": MIXED_PRECISION[recipe.mixed_precision], "vae": torch.float32}  # Wan's VAE wants float32
         pipe = DiffusionPipeline.from_pretrained(recipe.pretrained_model, dtype=dtype)
-    check_pipeline(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
+    video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     pairs = read_pairs(recipe.pairs_file)
@@ -297,7 +305,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         raise ValueError(f"{len(pairs)} pairs cannot fill batch_size={recipe.batch_size} on "
                          f"{accelerator.num_processes} process(es); lower batch_size or add pairs")
     with accelerator.split_between_processes(pairs) as own_pairs:
-        cache = cache_pairs(pipe, own_pairs, recipe, show_progress=main_process)
+        cache = cache_pairs(video, own_pairs, recipe, show_progress=main_process)
     pipe.text_encoder.to("cpu")  # the cache holds all that training needs from the encoders
     pipe.vae.to("cpu")
 
@@ -326,15 +334,15 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         step_metrics = []
         for _ in range(recipe.gradient_accumulation_steps):
             items = [cache[i] for i in next(order)]
-            batch = {k: torch.stack([item[k] for item in items]).to(accelerator.device) for k in items[0]}
+            batch = collate(items, accelerator.device)
             noise = torch.randn(batch["chosen"].shape, generator=generator).to(accelerator.device)
             sigmas = logit_normal_sigmas(len(items), mean=recipe.sigma_mean, std=recipe.sigma_std,
                                          generator=generator).to(accelerator.device)
             with accelerator.accumulate(transformer):
                 with torch.no_grad(), adapters_disabled(model), accelerator.autocast():
-                    ref_err_w, ref_err_l = pair_errors(model, batch, noise, sigmas)
+                    ref_err_w, ref_err_l = pair_errors(video, model, batch, noise, sigmas)
                 with accelerator.autocast():
-                    err_w, err_l = pair_errors(transformer, batch, noise, sigmas)
+                    err_w, err_l = pair_errors(video, transformer, batch, noise, sigmas)
                 loss, metrics = dpo_loss(err_w, err_l, ref_err_w, ref_err_l, recipe.beta)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.max_grad_norm > 0:

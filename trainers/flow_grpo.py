@@ -1,4 +1,4 @@
-"""Flow-GRPO for Wan-style text-to-video pipelines, rewarded by FingER.
+"""Flow-GRPO for flow-matching text-to-video pipelines (Wan, LTX-Video), rewarded by FingER.
 
 Online RL for a flow-matching video generator (Liu et al. 2025, "Flow-GRPO: Training Flow Matching
 Models via Online RL", arXiv:2505.05470). Every step:
@@ -33,6 +33,8 @@ Every field of `FlowGRPORecipe` is a flag (`--group_size 16`, `--dimension_weigh
 flags win over the YAML, as in TRL's scripts.
 
 The LoRA loads back with `WanPipeline.from_pretrained(base).load_lora_weights(output_dir)`.
+Pipelines: WanPipeline (Wan2.1-T2V 1.3B / 14B, Wan2.2-TI2V-5B) and LTXPipeline (LTX-Video 0.9.x;
+`trainers/video_models.py` holds what differs: latent layout, text mask, sigma schedule).
 """
 
 from __future__ import annotations
@@ -54,9 +56,8 @@ import numpy as np
 import torch
 
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
-from finger_reward.trainers.flow_matching import (
-    add_lora, check_pipeline, decode_latents, encode_prompts, lora_parameters, per_sample, predict_velocity, save_lora,
-)
+from finger_reward.trainers.flow_matching import add_lora, lora_parameters, per_sample, save_lora
+from finger_reward.trainers.video_models import cat_texts, text_rows, video_model
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +290,8 @@ class Rollout:
     """A group: G videos of one prompt sampled with `sde_step`, their scores and advantages."""
 
     prompt: str
-    prompt_embeds: torch.Tensor  # (G, L, D)
-    trajectory: torch.Tensor     # (G, T + 1, C, F', H', W'): the latents before step 0, after step 0, ..., final
+    text: dict[str, torch.Tensor]  # the transformer's text inputs, G rows each
+    trajectory: torch.Tensor     # (G, T + 1, ...latent): the latents before step 0, after step 0, ..., final
     log_probs: torch.Tensor      # (G, T): log-prob of trajectory[:, j + 1] given trajectory[:, j]
     sigmas: torch.Tensor         # (T + 1,) float32, from 1 down to 0
     noise_level: float
@@ -305,44 +306,42 @@ def model_dtype(transformer) -> torch.dtype:
     return next(p.dtype for name, p in transformer.named_parameters() if "lora_" not in name)
 
 
-def sample_group(pipe, transformer, prompt: str, prompt_embeds: torch.Tensor, *, group_size: int,
-                 num_inference_steps: int, noise_level: float, height: int, width: int, num_frames: int,
-                 generator: torch.Generator) -> Rollout:
-    """G videos of one prompt (`prompt_embeds` (L, D)) with the SDE sampler, recording every step's log-prob."""
-    device = prompt_embeds.device
-    embeds = prompt_embeds.unsqueeze(0).expand(group_size, -1, -1)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-    sigmas = pipe.scheduler.sigmas.to(device=device, dtype=torch.float32)
+def sample_group(model, transformer, prompt: str, text: dict[str, torch.Tensor], *, group_size: int,
+                 num_inference_steps: int, noise_level: float, generator: torch.Generator) -> Rollout:
+    """G videos of one prompt (`text`: its text inputs, one row) with the SDE sampler, recording every step's log-prob."""
+    device = next(iter(text.values())).device
+    text = {key: value.expand(group_size, *value.shape[1:]) for key, value in text.items()}
+    sigmas = model.sampling_sigmas(num_inference_steps, device)
     if len(sigmas) != num_inference_steps + 1 or sigmas[-1] != 0:
-        raise ValueError(f"{type(pipe.scheduler).__name__} gave sigmas {sigmas.tolist()}; Flow-GRPO needs "
+        raise ValueError(f"{type(model.pipe.scheduler).__name__} gave sigmas {sigmas.tolist()}; Flow-GRPO needs "
                          "num_inference_steps + 1 flow-matching sigmas ending at 0")
-    x = pipe.prepare_latents(group_size, pipe.transformer.config.in_channels, height, width, num_frames,
-                             torch.float32, device, generator)
+    x = model.initial_noise(group_size, generator, device)
+    dtype = model_dtype(transformer)
     states, log_probs = [x], []
     for j in range(num_inference_steps):
-        v = predict_velocity(transformer, x.to(embeds.dtype), sigmas[j].expand(group_size), embeds)
+        v = model.velocity(transformer, x.to(dtype), sigmas[j].expand(group_size), text)
         x, log_prob, _, _ = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, generator, sigma_max=float(sigmas[1]))
         states.append(x)
         log_probs.append(log_prob)
-    return Rollout(prompt, embeds, torch.stack(states, 1), torch.stack(log_probs, 1), sigmas, noise_level,
-                   decode_latents(pipe, x))
+    return Rollout(prompt, text, torch.stack(states, 1), torch.stack(log_probs, 1), sigmas, noise_level,
+                   model.decode(x))
 
 
-def step_log_prob(transformer, trajectory: torch.Tensor, embeds: torch.Tensor, sigmas: torch.Tensor, j: int,
-                  noise_level: float):
+def step_log_prob(model, transformer, trajectory: torch.Tensor, text: dict[str, torch.Tensor], sigmas: torch.Tensor,
+                  j: int, noise_level: float):
     """(log_prob, mean, std) of the step trajectory[:, j] -> trajectory[:, j + 1] under `transformer`."""
     x = trajectory[:, j]
-    v = predict_velocity(transformer, x.to(embeds.dtype), sigmas[j].expand(len(x)), embeds)
+    v = model.velocity(transformer, x.to(model_dtype(transformer)), sigmas[j].expand(len(x)), text)
     _, log_prob, mean, std = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, prev_sample=trajectory[:, j + 1],
                                       sigma_max=float(sigmas[1]))
     return log_prob, mean, std
 
 
 @torch.no_grad()
-def rollout_log_probs(transformer, rollout: Rollout) -> torch.Tensor:
+def rollout_log_probs(model, transformer, rollout: Rollout) -> torch.Tensor:
     """Recompute a rollout's (G, T) log-probs as the update does; equal to the recorded ones under the sampling policy."""
     steps = range(len(rollout.sigmas) - 1)
-    return torch.stack([step_log_prob(transformer, rollout.trajectory, rollout.prompt_embeds, rollout.sigmas, j,
+    return torch.stack([step_log_prob(model, transformer, rollout.trajectory, rollout.text, rollout.sigmas, j,
                                       rollout.noise_level)[0] for j in steps], 1)
 
 
@@ -368,16 +367,17 @@ class _Scorer:
             self._pool.shutdown()
 
 
-def collect_rollouts(pipe, policy, scorer: _Scorer, prompts: list[str], recipe: FlowGRPORecipe,
+def collect_rollouts(model, policy, scorer: _Scorer, prompts: list[str], recipe: FlowGRPORecipe,
                      generator: torch.Generator, autocast=nullcontext) -> list[Rollout]:
     """Sample a group per prompt; each group is scored (in the background with a service) while the next is sampled."""
-    embeds = encode_prompts(pipe, prompts, recipe.max_sequence_length).to(model_dtype(pipe.transformer))
+    dtype = model_dtype(model.pipe.transformer)
+    text = {key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in model.encode_prompts(prompts, recipe.max_sequence_length).items()}
     rollouts, pending = [], []
-    for prompt, prompt_embeds in zip(prompts, embeds):
+    for i, prompt in enumerate(prompts):
         with autocast():
-            rollout = sample_group(pipe, policy, prompt, prompt_embeds, group_size=recipe.group_size,
+            rollout = sample_group(model, policy, prompt, text_rows(text, slice(i, i + 1)), group_size=recipe.group_size,
                                    num_inference_steps=recipe.num_inference_steps, noise_level=recipe.noise_level,
-                                   height=recipe.height, width=recipe.width, num_frames=recipe.num_frames,
                                    generator=generator)
         rollouts.append(rollout)
         pending.append(scorer.submit(rollout.frames, [prompt] * recipe.group_size))
@@ -427,12 +427,12 @@ def reference_model(transformer):
         transformer.enable_adapters()
 
 
-def policy_update(accelerator, policy, optimizer, rollouts: list[Rollout], recipe: FlowGRPORecipe,
+def policy_update(model, accelerator, policy, optimizer, rollouts: list[Rollout], recipe: FlowGRPORecipe,
                   generator: torch.Generator) -> dict[str, float]:
     """`num_updates` optimizer steps over shuffled, disjoint shares of the step's videos, each over every denoising step."""
     unwrapped = accelerator.unwrap_model(policy)
     trajectory = torch.cat([r.trajectory for r in rollouts])
-    embeds = torch.cat([r.prompt_embeds for r in rollouts])
+    text = cat_texts([r.text for r in rollouts])
     old_log_probs = torch.cat([r.log_probs for r in rollouts])
     advantages = torch.cat([r.advantages for r in rollouts])
     sigmas, num_steps = rollouts[0].sigmas, len(rollouts[0].sigmas) - 1
@@ -449,9 +449,10 @@ def policy_update(accelerator, policy, optimizer, rollouts: list[Rollout], recip
                     kl = None
                     if recipe.beta > 0:
                         with torch.no_grad(), reference_model(unwrapped):
-                            _, ref_mean, _ = step_log_prob(unwrapped, trajectory[idx], embeds[idx], sigmas, j,
-                                                           recipe.noise_level)
-                    log_prob, mean, std = step_log_prob(policy, trajectory[idx], embeds[idx], sigmas, j, recipe.noise_level)
+                            _, ref_mean, _ = step_log_prob(model, unwrapped, trajectory[idx], text_rows(text, idx),
+                                                           sigmas, j, recipe.noise_level)
+                    log_prob, mean, std = step_log_prob(model, policy, trajectory[idx], text_rows(text, idx), sigmas, j,
+                                                        recipe.noise_level)
                     if recipe.beta > 0:
                         kl = gaussian_kl(mean, ref_mean, std)
                     loss, step_metrics = grpo_loss(log_prob, old_log_probs[idx, j], advantages[idx],
@@ -512,7 +513,7 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     torch.manual_seed(recipe.seed + rank)
     prompts = read_prompts(recipe.prompts)
     pipe = pipe if pipe is not None else load_pipeline(recipe.pipeline, MIXED_PRECISION[recipe.mixed_precision])
-    check_pipeline(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
+    video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     pipe.to(accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -541,12 +542,12 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
         for step in progress:
             chosen = [prompts[choose.randrange(len(prompts))] for _ in range(recipe.prompts_per_step)]
             start = time.perf_counter()
-            rollouts = collect_rollouts(pipe, policy, scorer, chosen, recipe, generator, accelerator.autocast)
+            rollouts = collect_rollouts(video, policy, scorer, chosen, recipe, generator, accelerator.autocast)
             metrics = {"step": step, **rollout_metrics(rollouts, recipe.std_floor)}
             if on_rollouts is not None:
                 on_rollouts(step, rollouts)
             sampled = time.perf_counter()
-            metrics.update(policy_update(accelerator, policy, optimizer, rollouts, recipe, generator))
+            metrics.update(policy_update(video, accelerator, policy, optimizer, rollouts, recipe, generator))
             metrics.update({"time/rollout_s": sampled - start, "time/update_s": time.perf_counter() - sampled})
             history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl']:.2e}")

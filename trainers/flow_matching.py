@@ -1,5 +1,6 @@
-"""Flow-matching pieces shared by the generator-side trainers (Diffusion-DPO, Flow-GRPO) for Wan-style
-text-to-video transformers (diffusers' WanPipeline: Wan2.1-T2V 1.3B / 14B, Wan2.2-TI2V-5B).
+"""Flow-matching pieces shared by the generator-side trainers (Diffusion-DPO, Flow-GRPO): noise levels,
+noising, the velocity target, LoRA, and Wan's own encode / velocity / decode (WanPipeline: Wan2.1-T2V
+1.3B / 14B, Wan2.2-TI2V-5B), which `video_models.WanVideoModel` uses.
 
 Conventions (rectified flow, as diffusers' FlowMatchEulerDiscreteScheduler): x_t = sigma * noise +
 (1 - sigma) * x0, the transformer predicts the velocity noise - x0, and its timestep is sigma * 1000.
@@ -12,25 +13,6 @@ from pathlib import Path
 import torch
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def check_pipeline(pipe, *, num_frames: int, height: int, width: int) -> None:
-    """Refuse what these trainers cannot train: two transformer experts (Wan2.2 A14B), a pipeline without
-    diffusers' LoRA loader, a transformer that already carries adapters, and a video size its VAE and patching cannot encode (Wan2.1: sides multiples
-    of 16, Wan2.2-TI2V-5B: of 32; frames 4k + 1)."""
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError(f"{type(pipe).__name__} has two transformer experts (Wan2.2 A14B), not supported yet; use a "
-                         "single-transformer pipeline (Wan2.1-T2V-1.3B / 14B, Wan2.2-TI2V-5B)")
-    if not hasattr(pipe, "save_lora_weights"):
-        raise ValueError(f"{type(pipe).__name__} has no LoRA loader (save_lora_weights); use a WanPipeline")
-    if getattr(pipe.transformer, "peft_config", None):
-        raise ValueError(f"the transformer already has adapter(s) {sorted(pipe.transformer.peft_config)}; "
-                         "fuse or unload them (pipe.fuse_lora(); pipe.unload_lora_weights()) before training a new one")
-    spatial = getattr(pipe, "vae_scale_factor_spatial", 8) * pipe.transformer.config.patch_size[1]
-    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
-    if (num_frames - 1) % temporal or height % spatial or width % spatial:
-        raise ValueError(f"this pipeline's VAE and patching need num_frames = {temporal}k + 1 and height, width "
-                         f"multiples of {spatial}; got num_frames={num_frames}, height={height}, width={width}")
 
 
 def logit_normal_sigmas(n: int, *, mean: float = 0.0, std: float = 1.0, generator=None, device=None) -> torch.Tensor:
