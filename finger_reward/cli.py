@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="HTML file to write")
     report.set_defaults(run=_report_html)
 
+    curves = commands.add_parser("plot-training", help="training curves (rewards, losses, KL) of a trainer's output_dir as a PNG")
+    curves.add_argument("run_dir", metavar="RUN", help="a trainer's output_dir, or its metrics.jsonl / log.jsonl / trainer_state.json")
+    curves.add_argument("--out", required=True, help="PNG file to write")
+    curves.add_argument("--keys", type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
+                        help="comma-separated metrics to plot (default: every metric logged at two or more steps)")
+    curves.set_defaults(run=_plot_training)
+
     pairs = commands.add_parser("select-pairs", help="generate candidates per prompt and keep Diffusion-DPO pairs")
     pairs.add_argument("--pipeline", required=True, help="diffusers video pipeline directory or hub id (e.g. Wan 2.1)")
     pairs.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl")
@@ -448,6 +455,14 @@ def _report_html(args) -> int:
     from finger_reward.report import load_results, write_report
 
     print(write_report(load_results(args.results), args.out))
+    return 0
+
+
+def _plot_training(args) -> int:
+    from finger_reward.training_curves import plot_training
+
+    names = plot_training(args.run_dir, args.out, keys=args.keys)
+    print(f"{args.out}: {len(names)} curve(s): {', '.join(names)}")
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finger_reward.figures import figure, png
 from finger_reward.jsonl import read_jsonl
 from finger_reward.metrics import plcc, srcc
 from finger_reward.questions.record import DIMENSIONS
@@ -184,18 +185,18 @@ def _correlation_table(pairs: dict, corr: dict) -> str:
 
 def _histograms(model: dict[str, list[float]]) -> bytes:
     """One figure, a histogram of the finite scores per key, on [0, 1]."""
-    fig, axes = _figure(len(model))
+    fig, axes = figure(len(model))
     for ax, (key, values) in zip(axes, model.items()):
         ax.hist([v for v in values if math.isfinite(v)], bins=10, range=(0, 1), color="#3b7dd8", edgecolor="white")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("model score")
         ax.locator_params(axis="y", integer=True)
-    return _png(fig)
+    return png(fig)
 
 
 def _scatters(pairs: dict[str, list[tuple[float, float]]], corr: dict[str, tuple[float, float]]) -> bytes:
     """One figure, model vs human per key, with SRCC and PLCC in each title."""
-    fig, axes = _figure(len(pairs))
+    fig, axes = figure(len(pairs))
     for ax, (key, xy) in zip(axes, pairs.items()):
         x, y = np.array(xy).T
         srcc, plcc = corr[key]
@@ -204,31 +205,12 @@ def _scatters(pairs: dict[str, list[tuple[float, float]]], corr: dict[str, tuple
         ax.set_title(f"{key}\nSRCC {srcc:.3f}  PLCC {plcc:.3f}", fontsize=10)
         ax.set_xlabel("model score")
         ax.set_ylabel("human score")
-    return _png(fig)
+    return png(fig)
 
 
 def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Spearman's and Pearson's correlation (`finger_reward.metrics`); NaN when either side is constant."""
     return srcc(x, y), plcc(x, y)
-
-
-def _figure(panels: int):
-    """A matplotlib figure (Agg, no pyplot state) with `panels` axes, three per row."""
-    from matplotlib.figure import Figure
-
-    cols = min(3, panels)
-    rows = math.ceil(panels / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    return fig, axes[:panels]
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    return buffer.getvalue()
 
 
 def _data_uri(png: bytes) -> str:

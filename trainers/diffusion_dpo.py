@@ -325,6 +325,9 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         accelerator.init_trackers("diffusion_dpo", config=asdict(recipe))
 
     # 3. The loop: same noise and sigma for chosen and rejected; DPO loss against the adapter-free reference.
+    if main_process:  # one line per optimizer step, this run's steps only (finger-reward plot-training reads it)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").write_text("", encoding="utf-8")
     generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
     order = batches(len(cache), recipe.batch_size, generator)
     history = []
@@ -355,6 +358,9 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         record = {"step": step, "lr": warmup.get_last_lr()[0], **dict(zip(metrics, values.tolist())),
                   "time/step_s": time.perf_counter() - start}
         history.append(record)
+        if main_process:
+            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_accuracy']:.2f}")
         if step % recipe.logging_steps == 0 or step == recipe.max_steps:
             accelerator.log(record, step=step)
