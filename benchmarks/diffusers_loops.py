@@ -1,12 +1,14 @@
-"""Step time and peak memory of the two generator loops, Diffusion-DPO and Flow-GRPO, on a Wan pipeline.
+"""Step time and peak memory of the two generator loops, Diffusion-DPO and Flow-GRPO, on a video pipeline.
 
     python benchmarks/diffusers_loops.py --config tiny             # CPU, seconds: the tiny test pipeline
     python benchmarks/diffusers_loops.py --config wan1.3b          # GPU: Wan2.1-T2V-1.3B, the shipped recipes
+    python benchmarks/diffusers_loops.py --config ltx              # GPU: LTX-Video 0.9 (2B), the same recipes
 
 `wan1.3b` builds the Wan2.1-T2V-1.3B architecture (30-layer 1536-wide transformer, the full causal
 VAE, the UMT5-XXL text encoder) with random weights, on the GPU in bf16 (VAE float32), as
-`configs/dpo_wan.yaml` and `configs/flow_grpo_wan.yaml` load it: the step time and memory of a
-loop do not depend on the weights. Each loop runs `--steps` optimizer steps of its shipped recipe
+`configs/dpo_wan.yaml` and `configs/flow_grpo_wan.yaml` load it; `ltx` likewise LTX-Video 0.9's
+(28-layer 2B transformer, its VAE, T5-XXL; 128 text tokens). The step time and memory of a loop
+do not depend on the weights. Each loop runs `--steps` optimizer steps of its shipped recipe
 (sizes and counts can be cut with the flags below) through the trainers' own `train`:
 
 - Diffusion-DPO on pairs of synthetic clips written as .mp4 (chosen clean, rejected with a defect);
@@ -73,6 +75,33 @@ def build_wan_1_3b(device, dtype):
     return pipe
 
 
+def build_ltx_video(device, dtype):
+    """LTX-Video 0.9's pipeline architecture (2B transformer, its VAE in float32, T5-XXL) with random weights."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+            attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+        )
+        vae = AutoencoderKLLTXVideo()  # the class defaults are LTX-Video 0.9's VAE: 32x space, 8x time, 128 channels
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        ))
+    cast_as_loaded(transformer, dtype)
+    cast_as_loaded(text_encoder, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    pipe = LTXPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(),
+                       tokenizer=build_tiny_umt5_tokenizer(), transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def cast_as_loaded(model, dtype) -> None:
     """Cast to `dtype` except the modules the class keeps in float32, as from_pretrained(dtype=...) loads them."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -84,7 +113,7 @@ def cast_as_loaded(model, dtype) -> None:
 def build_pipeline(config: str, device):
     if config == "tiny":
         return build_tiny_wan_pipeline(seed=0)
-    return build_wan_1_3b(device, torch.bfloat16)
+    return {"wan1.3b": build_wan_1_3b, "ltx": build_ltx_video}[config](device, torch.bfloat16)
 
 
 def write_pairs(root: Path, count: int, num_frames: int, height: int, width: int) -> tuple[Path, list[str]]:
@@ -120,7 +149,7 @@ def summarise(name: str, step_times: list[float], peak: float, tokens: int, extr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["tiny", "wan1.3b"], default="tiny")
+    parser.add_argument("--config", choices=["tiny", "wan1.3b", "ltx"], default="tiny")
     parser.add_argument("--loops", default="dpo,grpo", help="comma-separated: dpo, grpo")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per loop (the first is warm-up)")
     parser.add_argument("--num-frames", type=int, help="both loops (default: each recipe's: DPO 81, GRPO 33)")
@@ -135,7 +164,7 @@ def main() -> None:
     if args.config != "tiny" and device.type != "cuda":
         parser.error(f"--config {args.config} builds a 7B-parameter pipeline: it needs a CUDA GPU")
     sizes = {k: v for k, v in dict(num_frames=args.num_frames, height=args.height, width=args.width).items() if v}
-    base = dict(TINY) if args.config == "tiny" else {}
+    base = {"tiny": TINY, "ltx": {"max_sequence_length": 128}}.get(args.config, {})
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     print(f"device: {device_name(device)}; config {args.config}; torch {torch.__version__}")
 

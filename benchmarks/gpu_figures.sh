@@ -5,7 +5,7 @@
 #
 # Installs the project (scripts/setup.sh), runs the GPU-only tests, the 7B engine benchmark
 # (answer and reason mode, then answer mode with torch.compile) and both generator loops at
-# Wan2.1-T2V-1.3B size, and writes everything to benchmarks/gpu-<device>-<date>.txt for
+# Wan2.1-T2V-1.3B and LTX-Video 0.9 size, and writes everything to benchmarks/gpu-<device>-<date>.txt for
 # benchmarks/RESULTS.md. Each part runs even if an earlier one failed; the exit status is the
 # number of parts that failed.
 set -uo pipefail
@@ -25,5 +25,6 @@ part .venv/bin/python -m pytest -q -m gpu tests
 part .venv/bin/python benchmarks/engine.py --config 7b --videos 64
 part .venv/bin/python benchmarks/engine.py --config 7b --videos 64 --modes answer --compile
 part .venv/bin/python benchmarks/diffusers_loops.py --config wan1.3b --steps 3 --grad-accum 2
+part .venv/bin/python benchmarks/diffusers_loops.py --config ltx --steps 3 --grad-accum 2
 echo "figures in $out ($failed part(s) failed)"
 exit "$failed"

@@ -42,11 +42,12 @@ def test_diffusers_loops_benchmark_reports_step_time_and_memory():
     assert "sampling+scoring" in out and "8 pair(s)/step" in out
 
 
-def test_the_large_configs_refuse_to_run_without_a_gpu():
+@pytest.mark.parametrize("config", ["wan1.3b", "ltx"])
+def test_the_large_configs_refuse_to_run_without_a_gpu(config):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "diffusers_loops.py"), "--config", "wan1.3b"],
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "diffusers_loops.py"), "--config", config],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
