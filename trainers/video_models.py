@@ -42,12 +42,14 @@ def video_model(pipe, *, num_frames: int, height: int, width: int) -> "WanVideoM
     if getattr(pipe.transformer, "peft_config", None):
         raise ValueError(f"the transformer already has adapter(s) {sorted(pipe.transformer.peft_config)}; "
                          "fuse or unload them (pipe.fuse_lora(); pipe.unload_lora_weights()) before training a new one")
-    if name.startswith("Wan"):
+    from diffusers import LTXPipeline, WanPipeline
+
+    if isinstance(pipe, WanPipeline):
         model = WanVideoModel(pipe, num_frames, height, width)
-    elif name.startswith("LTX") and not name.startswith("LTX2"):
+    elif isinstance(pipe, LTXPipeline):
         model = LTXVideoModel(pipe, num_frames, height, width)
-    else:
-        raise ValueError(f"{name} is not supported; the trainers take text-to-video WanPipeline and LTXPipeline")
+    else:  # image-to-video and other families sample differently
+        raise ValueError(f"{name} is not supported; the trainers take the text-to-video WanPipeline and LTXPipeline")
     model.check_size()
     return model
 
