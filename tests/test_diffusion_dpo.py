@@ -227,6 +227,35 @@ def test_ltx_video_starts_at_ln2_trains_and_saves_a_loadable_lora(pairs_file, tm
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
 
 
+def test_resume_from_a_checkpoint_equals_training_straight_through(wan_dir, pairs_file, tmp_path):
+    """Kill after checkpoint-2 and resume: the same LoRA, losses and metrics.jsonl as four steps in one go."""
+    from diffusers import WanPipeline
+
+    options = dict(pretrained_model=str(wan_dir), pairs_file=str(pairs_file), learning_rate=1e-2, max_steps=4,
+                   save_steps=2, lora_dropout=0.1, **{**TINY, "batch_size": 1})
+    straight_pipe = WanPipeline.from_pretrained(wan_dir)
+    straight = train(DPORecipe(output_dir=str(tmp_path / "a"), **options), pipe=straight_pipe)["history"]
+    assert (tmp_path / "a" / "checkpoint-2" / "loop_state" / "rank0.pt").is_file()
+
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as log:  # what a run killed during step 3 leaves behind
+        log.write('{"step": 3, "loss": 0.1}\n{"step": 4, "lo')
+    resumed_pipe = WanPipeline.from_pretrained(wan_dir)
+    resumed = train(DPORecipe(output_dir=str(tmp_path / "a"), resume_from_checkpoint="last", **options),
+                    pipe=resumed_pipe)["history"]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed, straight):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6) and got["lr"] == want["lr"]
+    lora = {n: p for n, p in straight_pipe.transformer.named_parameters() if "lora_" in n}
+    for name, param in resumed_pipe.transformer.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, lora[name], atol=1e-6, rtol=0)
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4] and logged[2]["loss"] == pytest.approx(straight[2]["loss"])
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder"):
+        train(DPORecipe(output_dir=str(tmp_path / "empty"), resume_from_checkpoint="last", **options),
+              pipe=WanPipeline.from_pretrained(wan_dir))
+
+
 def test_cli_with_the_yaml_recipe_and_overrides(wan_dir, pairs_file, tmp_path):
     """One optimizer step of two accumulated micro-steps, gradient checkpointing on, pipeline loaded from its folder."""
     out = tmp_path / "cli"

@@ -68,6 +68,9 @@ from finger_reward.trainers.flow_matching import (
     save_lora,
     velocity_target,
 )
+from finger_reward.trainers.resume import (
+    CHECKPOINT_PREFIX, load_loop_state, resolve_checkpoint, rewind_log, rng_state, save_loop_state, set_rng_state,
+)
 from finger_reward.trainers.video_models import cat_texts, video_model
 from finger_reward.video import load_video
 
@@ -145,6 +148,8 @@ class DPORecipe:
     save_steps: int = field(default=250, metadata={"help": "save the LoRA to checkpoint-N/ every N steps (0: only at the end)"})
     logging_steps: int = field(default=10, metadata={"help": "log metrics every N steps"})
     report_to: str = field(default="none", metadata={"help": "accelerate tracker: none, tensorboard, wandb, ..."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "continue exactly from a checkpoint-N folder of an earlier run (or 'last': the newest in output_dir)"})
 
     def __post_init__(self):
         undo_yaml_coercion(self)
@@ -235,12 +240,26 @@ def collate(items: list[dict], device) -> dict:
     return batch
 
 
-def batches(num_items: int, batch_size: int, generator: torch.Generator):
-    """Endless batches of indices: shuffled epochs, each item once per epoch (the last partial batch dropped)."""
-    while True:
-        order = torch.randperm(num_items, generator=generator).tolist()
-        for start in range(0, num_items - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+class PairOrder:
+    """Endless batches of pair indices: shuffled epochs, each pair once per epoch (a last partial batch dropped);
+    its position goes into checkpoints, so a resumed run sees the pairs the straight run would have."""
+
+    def __init__(self, num_items: int, batch_size: int, generator: torch.Generator):
+        self.num_items, self.batch_size, self.generator = num_items, batch_size, generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __next__(self) -> list[int]:
+        if self.position + self.batch_size > len(self.order):
+            self.order, self.position = torch.randperm(self.num_items, generator=self.generator).tolist(), 0
+        self.position += self.batch_size
+        return self.order[self.position - self.batch_size:self.position]
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = list(state["order"]), state["position"]
 
 
 # ---- one step's errors -------------------------------------------------------------------------
@@ -325,13 +344,17 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         accelerator.init_trackers("diffusion_dpo", config=asdict(recipe))
 
     # 3. The loop: same noise and sigma for chosen and rejected; DPO loss against the adapter-free reference.
-    if main_process:  # one line per optimizer step, this run's steps only (finger-reward plot-training reads it)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").write_text("", encoding="utf-8")
     generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
-    order = batches(len(cache), recipe.batch_size, generator)
-    history = []
-    progress = tqdm(range(1, recipe.max_steps + 1), desc="diffusion-dpo", disable=not main_process)
+    order = PairOrder(len(cache), recipe.batch_size, generator)
+    loop = {"optimizer": optimizer, "scheduler": warmup, "order": order}
+    history, first = [], 1
+    if recipe.resume_from_checkpoint:
+        history = _resume(recipe, model, loop, generator, accelerator.process_index)
+        first = len(history) + 1
+    if main_process:  # one line per optimizer step (finger-reward plot-training reads it)
+        _start_metrics(output_dir / "metrics.jsonl", history)
+    progress = tqdm(range(first, recipe.max_steps + 1), initial=first - 1, total=recipe.max_steps,
+                    desc="diffusion-dpo", disable=not main_process)
     for step in progress:
         start = time.perf_counter()
         step_metrics = []
@@ -366,8 +389,12 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
             accelerator.log(record, step=step)
             if main_process:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
-        if recipe.save_steps and step % recipe.save_steps == 0 and step < recipe.max_steps and main_process:
-            save_lora(type(pipe), model, output_dir / f"checkpoint-{step}")
+        if recipe.save_steps and step % recipe.save_steps == 0 and step < recipe.max_steps:
+            checkpoint = output_dir / f"{CHECKPOINT_PREFIX}-{step}"
+            if main_process:
+                save_lora(type(pipe), model, checkpoint)
+            _save_loop(checkpoint, accelerator.process_index, model, loop, generator, history)
+            accelerator.wait_for_everyone()
 
     # 4. The LoRA, loadable by the pipeline, and the recipe that made it.
     accelerator.wait_for_everyone()
@@ -376,6 +403,40 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         (output_dir / "dpo_recipe.json").write_text(json.dumps(asdict(recipe), indent=2), encoding="utf-8")
     accelerator.end_training()
     return {"history": history, "output_dir": str(output_dir)}
+
+
+def _save_loop(checkpoint: Path, rank: int, model, loop: dict, generator: torch.Generator, history: list[dict]) -> None:
+    """This process's part of a checkpoint: LoRA and optimizer state, schedule, pair order, every generator."""
+    from peft.utils import get_peft_model_state_dict
+
+    save_loop_state(checkpoint, rank, {
+        "lora": get_peft_model_state_dict(model), "history": history, "generator": generator.get_state(),
+        "rng": rng_state(), **{name: part.state_dict() for name, part in loop.items()},
+    })
+
+
+def _resume(recipe: DPORecipe, model, loop: dict, generator: torch.Generator, rank: int) -> list[dict]:
+    """Restore what `_save_loop` wrote; returns the history up to the checkpoint's step."""
+    from peft import set_peft_model_state_dict
+
+    checkpoint = resolve_checkpoint(recipe.resume_from_checkpoint, recipe.output_dir)
+    state = load_loop_state(checkpoint, rank)
+    set_peft_model_state_dict(model, state["lora"])
+    for name, part in loop.items():
+        part.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", checkpoint, len(state["history"]))
+    return list(state["history"])
+
+
+def _start_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl holding exactly `history`: a fresh run empties it, a resumed one drops later lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if history and path.is_file():
+        rewind_log(path, len(history))
+    else:
+        path.write_text("".join(json.dumps(record) + "\n" for record in history), encoding="utf-8")
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -73,10 +73,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState, get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, TrlParser
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
@@ -84,6 +83,7 @@ from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instru
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.rewards import accuracy_reward, format_reward
 from finger_reward.trainers.data_parallel import DataParallel
+from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ MODE = "reason"  # GRPO trains the reasoning format; the prompt is the engine's 
 # HF Trainer's checkpoint file names, plus the loop's own position.
 OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME = "optimizer.pt", "scheduler.pt", "rng_state.pth"
 TRAINER_STATE_NAME, LOOP_STATE_NAME = "trainer_state.json", "grpo_state.json"
-LATEST = ("last", "latest", "true")
 
 
 @dataclass
@@ -565,7 +564,7 @@ class VideoGRPOTrainer:
             loop = {"data_order": self._order, "pending_metrics": self._pending}
             (tmp / LOOP_STATE_NAME).write_text(json.dumps(loop), encoding="utf-8")
         self.parallel.barrier()
-        torch.save(_rng_state(), tmp / self._rng_file())  # each process's own generators
+        torch.save(rng_state(), tmp / self._rng_file())  # each process's own generators
         self.parallel.barrier()
         if self.parallel.is_main:
             shutil.rmtree(path, ignore_errors=True)
@@ -581,7 +580,7 @@ class VideoGRPOTrainer:
         """Restore weights, optimizer, scheduler, RNG, step, data position and pending metrics from a
         checkpoint (True or "last": the newest in output_dir), and cut output_dir's log.jsonl and
         completions.jsonl back to that step, so the files read as if the run had never stopped."""
-        path = self._checkpoint_path(checkpoint)
+        path = resolve_checkpoint(checkpoint, self.recipe.output_dir)
         missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
                    if not (path / name).is_file()]
         if missing:
@@ -602,22 +601,11 @@ class VideoGRPOTrainer:
         self._order = list(loop["data_order"])
         self._pending.clear()
         self._pending.update({k: list(v) for k, v in loop["pending_metrics"].items()})
-        _set_rng_state(torch.load(path / self._rng_file(), weights_only=False))
+        set_rng_state(torch.load(path / self._rng_file(), weights_only=False))
         if self.parallel.is_main:
             self._rewind_logs(Path(self.recipe.output_dir))
         self.parallel.barrier()
         logger.info("resumed from %s at step %d", path, self.global_step)
-
-    def _checkpoint_path(self, checkpoint: str | Path | bool) -> Path:
-        if checkpoint is True or str(checkpoint).lower() in LATEST:
-            last = get_last_checkpoint(self.recipe.output_dir) if Path(self.recipe.output_dir).is_dir() else None
-            if last is None:
-                raise ValueError(f"resume_from_checkpoint={checkpoint!r} but {self.recipe.output_dir} holds no checkpoint-* folder")
-            return Path(last)
-        path = Path(checkpoint)
-        if not path.is_dir():
-            raise ValueError(f"resume_from_checkpoint: {path} is not a directory; pass a checkpoint-N folder or 'last'")
-        return path
 
     def _load_weights(self, path: Path):
         if self.recipe.lora:
@@ -639,14 +627,8 @@ class VideoGRPOTrainer:
         log = out / "log.jsonl"
         if not log.is_file():  # resumed into a new output_dir: start its log with the restored history
             log.write_text("".join(json.dumps(row) + "\n" for row in self.log_history), encoding="utf-8")
-        for path, last in ((log, self.global_step), (out / "completions.jsonl", self.global_step - 1)):
-            if not path.is_file():
-                continue
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if _line_step(line) <= last]
-            if len(kept) < len(lines):
-                logger.info("%s: dropped %d line(s) written after step %d", path, len(lines) - len(kept), self.global_step)
-                path.write_text("".join(kept), encoding="utf-8")
+        rewind_log(log, self.global_step)
+        rewind_log(out / "completions.jsonl", self.global_step - 1)
 
     # ---- evaluation -------------------------------------------------------------------------------
 
@@ -675,30 +657,6 @@ def _mean_metrics(groups: list[dict], step_metrics: dict[str, float]) -> dict[st
         for key, value in group["metrics"].items():
             values[key].append(value)
     return {**{key: sum(v) / len(v) for key, v in values.items()}, **step_metrics}
-
-
-def _line_step(line: str) -> float:
-    """The "step" of a log.jsonl or completions.jsonl line; infinity for a line cut short by a kill."""
-    try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _rng_state() -> dict:
-    """Every random generator the loop draws from (HF Trainer's rng_state.pth keys)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.random.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state_all(state["cuda"])
 
 
 def _as_list(value: Any) -> list:
