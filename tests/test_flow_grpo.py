@@ -397,6 +397,28 @@ def test_video_model_refuses_what_it_cannot_train():
                     num_frames=5, height=32, width=32)
 
 
+def test_resume_from_a_checkpoint_equals_training_straight_through(files, tiny_model_dir, tmp_path):
+    """Stop after checkpoint-2 and resume: step 3 samples the same videos and ends with the same LoRA."""
+    options = dict(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
+                   max_steps=3, save_steps=1, **TINY)
+    straight_pipe = load_pipeline(str(files["pipeline"]), torch.float32)
+    straight = train(FlowGRPORecipe(output_dir=str(tmp_path / "a"), **options), pipe=straight_pipe)
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    resumed_pipe = load_pipeline(str(files["pipeline"]), torch.float32)
+    resumed = train(FlowGRPORecipe(output_dir=str(tmp_path / "a"), resume_from_checkpoint="last", **options),
+                    pipe=resumed_pipe)
+    assert [h["step"] for h in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "policy_loss", "kl", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], abs=1e-6), key
+    lora = {n: p for n, p in straight_pipe.transformer.named_parameters() if "lora_" in n}
+    for name, param in resumed_pipe.transformer.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, lora[name], atol=1e-6, rtol=0)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+
+
 def test_service_rewards_match_local_scores(files, tiny_model_dir):
     """reward_url: a real FingER service scores each group (in a thread, while the next group is sampled)."""
     reward = FingerReward.from_pretrained(tiny_model_dir)

@@ -68,9 +68,7 @@ from finger_reward.trainers.flow_matching import (
     save_lora,
     velocity_target,
 )
-from finger_reward.trainers.resume import (
-    CHECKPOINT_PREFIX, load_loop_state, resolve_checkpoint, rewind_log, rng_state, save_loop_state, set_rng_state,
-)
+from finger_reward.trainers.resume import CHECKPOINT_PREFIX, resume_training, save_training, start_log
 from finger_reward.trainers.video_models import cat_texts, video_model
 from finger_reward.video import load_video
 
@@ -346,13 +344,13 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
     # 3. The loop: same noise and sigma for chosen and rejected; DPO loss against the adapter-free reference.
     generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
     order = PairOrder(len(cache), recipe.batch_size, generator)
-    loop = {"optimizer": optimizer, "scheduler": warmup, "order": order}
-    history, first = [], 1
+    loop = {"optimizer": optimizer, "scheduler": warmup, "order": order, "generator": generator}
+    history = []
     if recipe.resume_from_checkpoint:
-        history = _resume(recipe, model, loop, generator, accelerator.process_index)
-        first = len(history) + 1
+        history = resume_training(recipe.resume_from_checkpoint, output_dir, accelerator.process_index, model, loop)
+    first = len(history) + 1
     if main_process:  # one line per optimizer step (finger-reward plot-training reads it)
-        _start_metrics(output_dir / "metrics.jsonl", history)
+        start_log(output_dir / "metrics.jsonl", history)
     progress = tqdm(range(first, recipe.max_steps + 1), initial=first - 1, total=recipe.max_steps,
                     desc="diffusion-dpo", disable=not main_process)
     for step in progress:
@@ -393,7 +391,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
             checkpoint = output_dir / f"{CHECKPOINT_PREFIX}-{step}"
             if main_process:
                 save_lora(type(pipe), model, checkpoint)
-            _save_loop(checkpoint, accelerator.process_index, model, loop, generator, history)
+            save_training(checkpoint, accelerator.process_index, model, history, loop)
             accelerator.wait_for_everyone()
 
     # 4. The LoRA, loadable by the pipeline, and the recipe that made it.
@@ -403,40 +401,6 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         (output_dir / "dpo_recipe.json").write_text(json.dumps(asdict(recipe), indent=2), encoding="utf-8")
     accelerator.end_training()
     return {"history": history, "output_dir": str(output_dir)}
-
-
-def _save_loop(checkpoint: Path, rank: int, model, loop: dict, generator: torch.Generator, history: list[dict]) -> None:
-    """This process's part of a checkpoint: LoRA and optimizer state, schedule, pair order, every generator."""
-    from peft.utils import get_peft_model_state_dict
-
-    save_loop_state(checkpoint, rank, {
-        "lora": get_peft_model_state_dict(model), "history": history, "generator": generator.get_state(),
-        "rng": rng_state(), **{name: part.state_dict() for name, part in loop.items()},
-    })
-
-
-def _resume(recipe: DPORecipe, model, loop: dict, generator: torch.Generator, rank: int) -> list[dict]:
-    """Restore what `_save_loop` wrote; returns the history up to the checkpoint's step."""
-    from peft import set_peft_model_state_dict
-
-    checkpoint = resolve_checkpoint(recipe.resume_from_checkpoint, recipe.output_dir)
-    state = load_loop_state(checkpoint, rank)
-    set_peft_model_state_dict(model, state["lora"])
-    for name, part in loop.items():
-        part.load_state_dict(state[name])
-    generator.set_state(state["generator"])
-    set_rng_state(state["rng"])
-    logger.info("resumed from %s at step %d", checkpoint, len(state["history"]))
-    return list(state["history"])
-
-
-def _start_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.jsonl holding exactly `history`: a fresh run empties it, a resumed one drops later lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if history and path.is_file():
-        rewind_log(path, len(history))
-    else:
-        path.write_text("".join(json.dumps(record) + "\n" for record in history), encoding="utf-8")
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ import torch
 
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import add_lora, lora_parameters, per_sample, save_lora
+from finger_reward.trainers.resume import CHECKPOINT_PREFIX, resume_training, save_training, start_log
 from finger_reward.trainers.video_models import cat_texts, text_rows, video_model
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ class FlowGRPORecipe:
     max_steps: int = _opt(300, "training steps (sample, score, update)")
     seed: int = _opt(0, "prompt choice and sampling noise (plus the process rank)")
     output_dir: str | None = _opt(None, "LoRA, checkpoints and metrics.jsonl (required)")
+    resume_from_checkpoint: str | None = _opt(None, "continue exactly from a checkpoint-N folder (or 'last': the newest "
+                                                    "in output_dir)")
     mixed_precision: str = _opt("no", "no, fp16 or bf16 (frozen weights in that dtype)")
     save_steps: int = _opt(50, "checkpoint every this many steps")
     logging_steps: int = _opt(1, "log metrics every this many steps")
@@ -530,14 +533,20 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     scorer = _Scorer(FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights),
                      background=isinstance(reward, FingerRewardClient), workers=min(recipe.prompts_per_step, 8))
     output_dir = Path(recipe.output_dir)
+    choose = random.Random(recipe.seed + rank)
+    generator = torch.Generator().manual_seed(recipe.seed + rank)
+    model = accelerator.unwrap_model(policy)
+    loop = {"optimizer": optimizer, "generator": generator, "prompt_choice": choose}
+    history: list[dict[str, float]] = []
+    if recipe.resume_from_checkpoint:
+        history = resume_training(recipe.resume_from_checkpoint, output_dir, rank, model, loop)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
-        (output_dir / "metrics.jsonl").write_text("", encoding="utf-8")  # this run's steps only
-    choose = random.Random(recipe.seed + rank)
-    generator = torch.Generator().manual_seed(recipe.seed + rank)
-    history: list[dict[str, float]] = []
-    progress = tqdm(range(1, recipe.max_steps + 1), desc="flow-grpo", disable=not accelerator.is_local_main_process)
+        start_log(output_dir / "metrics.jsonl", history)
+    first = len(history) + 1
+    progress = tqdm(range(first, recipe.max_steps + 1), initial=first - 1, total=recipe.max_steps, desc="flow-grpo",
+                    disable=not accelerator.is_local_main_process)
     try:
         for step in progress:
             chosen = [prompts[choose.randrange(len(prompts))] for _ in range(recipe.prompts_per_step)]
@@ -556,8 +565,12 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
                     log.write(json.dumps(metrics) + "\n")
                 if step % recipe.logging_steps == 0:
                     logger.info("step %d: %s", step, {k: round(v, 6) for k, v in metrics.items()})
-                if step % recipe.save_steps == 0 and step < recipe.max_steps:
-                    save_lora(type(pipe), pipe.transformer, output_dir / f"checkpoint-{step}")
+            if step % recipe.save_steps == 0 and step < recipe.max_steps:
+                checkpoint = output_dir / f"{CHECKPOINT_PREFIX}-{step}"
+                if accelerator.is_main_process:
+                    save_lora(type(pipe), pipe.transformer, checkpoint)
+                save_training(checkpoint, rank, model, history, loop)
+                accelerator.wait_for_everyone()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_lora(type(pipe), pipe.transformer, output_dir)

@@ -72,6 +72,56 @@ def load_loop_state(checkpoint: Path, rank: int) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def save_training(checkpoint: Path, rank: int, model, history: list[dict], parts: dict) -> None:
+    """This process's part of a checkpoint: its LoRA (peft), the history so far, every global generator, and the
+    state of each of `parts` (optimizer, scheduler, data order: anything with state_dict; torch or Python
+    random generators)."""
+    from peft.utils import get_peft_model_state_dict
+
+    save_loop_state(checkpoint, rank, {"lora": get_peft_model_state_dict(model), "history": history, "rng": rng_state(),
+                                       **{name: _state_of(part) for name, part in parts.items()}})
+
+
+def resume_training(checkpoint: str | Path | bool, output_dir: str | Path, rank: int, model, parts: dict) -> list[dict]:
+    """Restore what `save_training` wrote (the LoRA into `model`, each part in place); returns the history."""
+    from peft import set_peft_model_state_dict
+
+    path = resolve_checkpoint(checkpoint, output_dir)
+    state = load_loop_state(path, rank)
+    set_peft_model_state_dict(model, state["lora"])
+    for name, part in parts.items():
+        _restore(part, state[name])
+    set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", path, len(state["history"]))
+    return list(state["history"])
+
+
+def start_log(path: Path, history: list[dict]) -> None:
+    """A JSONL log holding exactly `history`: a fresh run empties it, a resumed one drops lines written later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if history and path.is_file():
+        rewind_log(path, len(history))
+    else:
+        path.write_text("".join(json.dumps(record) + "\n" for record in history), encoding="utf-8")
+
+
+def _state_of(part):
+    if isinstance(part, torch.Generator):
+        return part.get_state()
+    if isinstance(part, random.Random):
+        return part.getstate()
+    return part.state_dict()
+
+
+def _restore(part, state) -> None:
+    if isinstance(part, torch.Generator):
+        part.set_state(state)
+    elif isinstance(part, random.Random):
+        part.setstate(state)
+    else:
+        part.load_state_dict(state)
+
+
 def rewind_log(path: Path, step: int) -> None:
     """Keep the lines of a JSONL log whose "step" is at most `step` (a torn last line goes too)."""
     if not path.is_file():
