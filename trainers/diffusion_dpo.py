@@ -61,8 +61,10 @@ from finger_reward.errors import VideoError
 from finger_reward.jsonl import read_jsonl
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
+    MIXED_PRECISION,
     add_lora,
     add_noise,
+    load_pipeline,
     logit_normal_sigmas,
     lora_parameters,
     save_lora,
@@ -74,7 +76,6 @@ from finger_reward.video import load_video
 
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
@@ -310,10 +311,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
 
     # 1. The pipeline, and every pair encoded once (each process encodes and trains on its share).
     if pipe is None:
-        from diffusers import DiffusionPipeline
-
-        dtype = {"default": MIXED_PRECISION[recipe.mixed_precision], "vae": torch.float32}  # Wan's VAE wants float32
-        pipe = DiffusionPipeline.from_pretrained(recipe.pretrained_model, dtype=dtype)
+        pipe = load_pipeline(recipe.pretrained_model, MIXED_PRECISION[recipe.mixed_precision])
     video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)

@@ -56,14 +56,15 @@ import numpy as np
 import torch
 
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
-from finger_reward.trainers.flow_matching import add_lora, lora_parameters, per_sample, save_lora
+from finger_reward.trainers.flow_matching import (
+    MIXED_PRECISION, add_lora, load_pipeline, lora_parameters, per_sample, save_lora,
+)
 from finger_reward.trainers.resume import CHECKPOINT_PREFIX, resume_training, save_training, start_log
 from finger_reward.trainers.video_models import cat_texts, text_rows, video_model
 
 logger = logging.getLogger(__name__)
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---- the math: pure functions on tensors ---------------------------------------------------------
@@ -474,15 +475,6 @@ def policy_update(model, accelerator, policy, optimizer, rollouts: list[Rollout]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-
-
-def load_pipeline(path: str, weight_dtype: torch.dtype):
-    """The pipeline with its frozen weights in `weight_dtype`, the VAE in float32 (as Wan runs it)."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(path, dtype={"default": weight_dtype, "vae": torch.float32})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def load_reward(recipe: FlowGRPORecipe, device):

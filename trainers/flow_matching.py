@@ -13,6 +13,16 @@ from pathlib import Path
 import torch
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_pipeline(path: str, weight_dtype: torch.dtype):
+    """The pipeline with its frozen weights in `weight_dtype`, the VAE in float32 (as Wan runs it)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, dtype={"default": weight_dtype, "vae": torch.float32})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def logit_normal_sigmas(n: int, *, mean: float = 0.0, std: float = 1.0, generator=None, device=None) -> torch.Tensor:
