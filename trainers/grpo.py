@@ -76,11 +76,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOConfig, TrlParser
+from trl import GRPOConfig
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
+from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import accuracy_reward, format_reward
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
@@ -680,8 +681,7 @@ def train(recipe: GRPORecipe, **kwargs) -> VideoGRPOTrainer:
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (recipe,) = TrlParser([GRPORecipe]).parse_args_and_config(argv)
-    return train(recipe)
+    return train(parse_recipe(GRPORecipe, argv))
 
 
 if __name__ == "__main__":

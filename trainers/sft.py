@@ -43,11 +43,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import SFTConfig, SFTTrainer
 
 from finger_reward.instruct import VideoSFTCollator, load_instruct
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.prompts import MODES
+from finger_reward.recipes import parse_recipe
 from finger_reward.scoring import rating_expectation
 
 logger = logging.getLogger(__name__)
@@ -385,8 +386,7 @@ def train(recipe: SFTRecipe):
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (recipe,) = TrlParser([SFTRecipe]).parse_args_and_config(argv)
-    return train(recipe)
+    return train(parse_recipe(SFTRecipe, argv))
 
 
 if __name__ == "__main__":
