@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from finger_reward.errors import FingerError
 from finger_reward.jsonl import read_jsonl
-from finger_reward.pretrained import SLOWFAST_THRESHOLD
+from finger_reward.pretrained import SLOWFAST_THRESHOLD, slowfast_threshold
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import json_safe
 
@@ -188,12 +187,10 @@ def _slowfast(text: str) -> float | bool:
     if text.strip().lower() == "off":
         return False
     try:
-        value = float(text)
+        return slowfast_threshold(float(text))
     except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a patch similarity threshold in (0, 1], e.g. 0.9, or 'off'")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a patch similarity threshold in (0, 1], e.g. 0.9, "
+                                         "or 'off'") from None
 
 
 def _weights(text: str) -> dict[str, float]:
