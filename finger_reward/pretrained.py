@@ -25,8 +25,11 @@ SLOWFAST_THRESHOLD = 0.9  # Q-Save Sec. 4.2.1: the threshold a bare `--slowfast`
 
 
 def resolve(model: Any) -> Any:
-    """`"tiny"` -> the shipped tiny evaluator's directory (unless a local "tiny" path exists); else unchanged."""
-    if isinstance(model, str) and model == "tiny" and not Path(model).exists():
+    """`"tiny"` -> the shipped tiny evaluator's directory, always; anything else unchanged.
+
+    A local folder named tiny is reached as "./tiny", so a stray folder never shadows the shipped model.
+    """
+    if isinstance(model, str) and model == "tiny":
         if not (TINY_EVALUATOR / "config.json").is_file():
             raise FingerError(f"the tiny evaluator is missing from {TINY_EVALUATOR}; "
                               "rebuild it with: python -m finger_reward.trainers.tiny_evaluator --install")

@@ -111,13 +111,16 @@ def build_processor(tokenizer=None, *, arch: str = "qwen2_5_vl"):
     return tf.Qwen2_5_VLProcessor(tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, **parts)
 
 
-def _config(arch: str, ids: dict[str, int], vocab_size: int, hidden_size: int, num_layers: int):
+def _config(arch: str, ids: dict[str, int], vocab_size: int, hidden_size: int, num_layers: int, head_dim: int):
     import transformers as tf
 
-    head_dim = hidden_size // 4
+    if head_dim < 8 or head_dim % 8 or hidden_size % head_dim:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 8 that divides hidden_size={hidden_size}")
+    heads = hidden_size // head_dim
     text = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        head_dim=head_dim,
         max_position_embeddings=32768, bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         # mrope_section must sum to head_dim / 2 (temporal, height, width).
@@ -135,13 +138,17 @@ def _config(arch: str, ids: dict[str, int], vocab_size: int, hidden_size: int, n
     return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
-def build_model(tokenizer, *, arch: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A Qwen2.5-VL (or Qwen3-VL) with a 2-block vision tower and a `num_layers` text decoder, random weights."""
+def build_model(tokenizer, *, arch: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, head_dim: int = 32,
+                seed: int = 0):
+    """A Qwen2.5-VL (or Qwen3-VL) with a 2-block vision tower and a `num_layers` text decoder, random weights.
+
+    head_dim is 32 by default, the smallest head size vLLM's CPU attention serves (it has no 16).
+    """
     import torch
     from transformers import AutoModelForImageTextToText
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = _config(_check_arch(arch), ids, len(tokenizer), hidden_size, num_layers)
+    config = _config(_check_arch(arch), ids, len(tokenizer), hidden_size, num_layers, head_dim)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     # At the default init (std 0.02) a tiny model's output barely depends on its input, which

@@ -40,12 +40,13 @@ def test_bad_settings_files_are_named(checkpoint):
         pretrained.write_scoring_defaults(checkpoint, batch=3)
 
 
-def test_tiny_names_the_shipped_evaluator_unless_a_local_path_is_called_tiny(tmp_path, monkeypatch):
+def test_tiny_names_the_shipped_evaluator_even_beside_a_local_folder_called_tiny(tmp_path, monkeypatch):
     assert pretrained.resolve("tiny") == str(pretrained.TINY_EVALUATOR)
     assert pretrained.scoring_defaults(pretrained.resolve("tiny"))["mode"] == "reason"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
-    assert pretrained.resolve("tiny") == "tiny"
+    assert pretrained.resolve("tiny") == str(pretrained.TINY_EVALUATOR)
+    assert pretrained.resolve("./tiny") == "./tiny"
     assert pretrained.resolve("org/model") == "org/model"
 
 

@@ -4,8 +4,9 @@ Every question about a video shares the token prefix "system turn + video" (prom
 that prefix is almost all of the tokens. The engine encodes it once, keeps its KV cache, and
 appends all the video's questions to that one cache row, each seeing the prefix and its own
 tokens only (`packing`), so the prefix is neither recomputed nor copied per question (DESIGN.md,
-The engine). Text after the video takes 1-D positions that continue from the prefix's last
-position as the model's own rope index computes it, so no mrope arithmetic is done by hand.
+The engine). Every forward takes its 3-D rope positions from `finger_reward.rope` (the model's
+original rule, not transformers' `get_rope_index`); text after the video continues one past the
+prefix's last position on all three axes.
 
 `answer_many` batches across videos as well: videos sorted by prefix length are grouped under a
 token budget, a group's prefixes are prefilled right-padded in one forward, and all the group's
@@ -27,6 +28,7 @@ from finger_reward.engine import packing
 from finger_reward.engine.budget import auto_batch_tokens
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.engine.reasoning import ReasonTokens, decode_reasons, extract_reason
+from finger_reward.rope import RopeLayout, rope_positions, with_rope_positions
 from finger_reward.scoring import answer_probs, answer_token_ids
 from finger_reward.video import Clip
 
@@ -128,6 +130,7 @@ class TransformersEngine:
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.reason_tokens = ReasonTokens.from_model(model, processor)
+        self.rope_layout = RopeLayout.from_config(model.config)
         # The base model (vision tower + decoder, no LM head): the engine reads the head only at the
         # tokens it needs, not over every suffix position (rows x length x vocabulary logits).
         self._base = torch.compile(model.model, dynamic=True) if compile else model.model
@@ -280,14 +283,11 @@ class TransformersEngine:
 
     def _encode_prefixes(self, inputs: list[dict]) -> _Prefix:
         batch = _right_pad_batch(inputs, self.pad_id, self.device)
-        # The model's own rope index gives the prefixes' 3-D positions. The first text token after
-        # a prefix sits one past its last real token (a text token), which is not always one past
-        # the prefix maximum (the video's temporal positions can reach beyond), so the model's
-        # cached `rope_deltas` for the prefix alone would be wrong here.
-        position_ids, _ = self.model.model.get_rope_index(
-            input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-            video_grid_thw=batch["video_grid_thw"], second_per_grid_ts=batch.get("second_per_grid_ts"),
-            attention_mask=batch["attention_mask"],
+        # The first text token after a prefix sits one past its last real token (a text token), which
+        # is also one past the prefix maximum: the original rule (finger_reward.rope).
+        position_ids, _ = rope_positions(
+            self.rope_layout, batch["input_ids"], batch["attention_mask"], image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=batch.get("video_grid_thw"), second_per_grid_ts=batch.get("second_per_grid_ts"),
         )
         out = self._base(**batch, position_ids=position_ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -356,13 +356,14 @@ class TransformersEngine:
             inputs = self._model_inputs(self.split.prefix + self.split.text_after_video(q), clip)
             if self.mode == "reason":
                 out = self.model.generate(
-                    **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                    **with_rope_positions(self.model.config, inputs), max_new_tokens=self.max_new_tokens, do_sample=False,
                     stop_strings=[prompts.REASON_CLOSE, prompts.ANSWER_OPEN], tokenizer=self.tokenizer,
                     suppress_tokens=self.reason_tokens.suppressed or None,
                 )
                 generated = out[0, inputs["input_ids"].shape[1] :].tolist()
                 reasons.append(self.reason_tokens.reason(generated))
                 inputs = _append_text_tokens(inputs, generated[:-1] + self.reason_tokens.closing_ids(generated))
+            inputs = with_rope_positions(self.model.config, inputs)
             probs.append(self._probs(self.model(**inputs, logits_to_keep=1).logits[:, -1]))
         return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
 
