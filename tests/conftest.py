@@ -9,6 +9,41 @@ from finger_reward.synthetic import write_video
 from finger_reward.tiny import make_tiny_model
 
 
+# transformers' own Qwen-VL position code, which no project forward may reach (finger_reward.rope).
+TRANSFORMERS_ROPE = [
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel", "get_rope_index"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel", "compute_3d_position_ids"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+     "_prepare_position_ids_for_generation"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel", "get_rope_index"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel", "compute_3d_position_ids"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLForConditionalGeneration",
+     "_prepare_position_ids_for_generation"),
+]
+
+
+class TransformersRopeUsed(AssertionError):
+    """A Qwen-VL forward or generate computed its own positions instead of taking finger_reward.rope's."""
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise TransformersRopeUsed(f"{name} was called: every Qwen-VL forward in finger_reward must pass "
+                                   "position_ids from finger_reward.rope")
+    return refuse
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_transformers_rope():
+    """Every test runs with transformers' Qwen-VL position code made to raise (DESIGN.md, The engine)."""
+    import importlib
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module, cls, method in TRANSFORMERS_ROPE:
+            patch.setattr(getattr(importlib.import_module(module), cls), method, _refuse(f"{cls}.{method}"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random-weight Qwen2.5-VL checkpoint directory, as `finger-reward make-tiny-model` writes it."""

@@ -11,6 +11,7 @@ from trl import TrlParser
 
 from finger_reward.instruct import completion_text, load_instruct
 from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.rope import with_rope_positions
 from finger_reward.synthetic import make_world
 from finger_reward.trainers.grpo import GRPORecipe, VideoGRPOTrainer, train
 
@@ -154,7 +155,7 @@ def test_training_forward_matches_the_sampling_policy(tiny_model_dir, world, rec
     """The log-probabilities of the loss equal those `generate` sampled from (video, mrope positions and all)."""
     trainer = VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path), records=records)
     prompt = trainer.repeat_inputs(trainer.prompt_inputs(records[2]), 2)
-    out = trainer.model.generate(**prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=10,
+    out = trainer.model.generate(**with_rope_positions(trainer.model.config, prompt), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=10,
                                  eos_token_id=trainer.eos_ids, pad_token_id=trainer.pad_id,
                                  output_scores=True, return_dict_in_generate=True)
     P = prompt["input_ids"].shape[1]
@@ -169,8 +170,8 @@ def test_training_forward_matches_the_sampling_policy(tiny_model_dir, world, rec
     with torch.no_grad():
         ours = trainer.per_token_logps(trainer.model, batch)
         assert torch.allclose(ours[mask], sampled[mask], atol=1e-4)
-        # Without the video tensors (what TRL 1.16's GRPOTrainer forwards) the log-probabilities are silently different.
-        text_only = {k: v for k, v in batch.items() if k not in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")}
+        # Without the video's pixels (TRL 1.16's GRPOTrainer forwards none) the log-probabilities are silently different.
+        text_only = {k: v for k, v in batch.items() if k != "pixel_values_videos"}
         assert not torch.allclose(trainer.per_token_logps(trainer.model, text_only)[mask], sampled[mask], atol=1e-2)
 
 

@@ -113,3 +113,20 @@ def test_layout_from_a_real_config(tiny_model_and_processor):
     assert layout.tokens_per_second == model.config.vision_config.tokens_per_second
     with pytest.raises(ValueError, match="no rope positions for model_type 'llava'"):
         RopeLayout("llava", IMG, VID)
+
+
+def test_a_forward_without_project_positions_is_caught(tiny_model_and_processor, mp4_paths):
+    """The suite-wide guard (conftest.no_transformers_rope) fires on a forward that leaves positions to transformers."""
+    from finger_reward.engine.inputs import processor_inputs
+    from finger_reward.rope import with_rope_positions
+    from finger_reward.video import load_video
+    from tests.conftest import TransformersRopeUsed
+
+    model, processor = tiny_model_and_processor
+    inputs = processor_inputs(processor, "<|vision_start|><|video_pad|><|vision_end|>Is it red?", load_video(mp4_paths[0]))
+    with pytest.raises(TransformersRopeUsed, match="compute_3d_position_ids"):
+        model(**inputs)
+    with pytest.raises(TransformersRopeUsed, match="_prepare_position_ids_for_generation"):
+        model.generate(**inputs, max_new_tokens=1)
+    model(**with_rope_positions(model.config, inputs))  # the project's way
+    model.generate(**with_rope_positions(model.config, inputs), max_new_tokens=2, do_sample=False)

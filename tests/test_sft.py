@@ -19,6 +19,7 @@ from finger_reward.instruct import (
 )
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.rewards import format_reward
+from finger_reward.rope import with_rope_positions
 from finger_reward.synthetic import make_world
 from finger_reward.trainers.sft import SFTRecipe, build_trainer, main, train
 
@@ -189,7 +190,7 @@ def test_loss_depends_on_the_video_and_reaches_the_vision_tower(tiny_model_dir, 
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).train()
-    batch = VideoSFTCollator(processor, "answer")(records[:2])
+    batch = with_rope_positions(model.config, VideoSFTCollator(processor, "answer")(records[:2]))
     loss = model(**batch).loss
     loss.backward()
     vision_grad = sum(p.grad.abs().sum() for p in model.model.visual.parameters() if p.grad is not None)
@@ -379,7 +380,7 @@ def _by_hand(model, tokenizer, batch):
     from finger_reward.instruct import rating_token_ids
 
     plain = {k: v for k, v in batch.items() if not k.startswith("rating")}
-    out = model(**plain)
+    out = model(**with_rope_positions(model.config, plain))
     rows = (batch["rating_positions"] >= 0).nonzero().squeeze(-1)
     logits = out.logits[rows, batch["rating_positions"][rows] - 1]  # these logits predict the rating token
     probs = torch.softmax(logits[:, rating_token_ids(tokenizer)], dim=-1)

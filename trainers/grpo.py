@@ -83,6 +83,7 @@ from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instru
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.rope import with_rope_positions
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
 
@@ -339,7 +340,7 @@ class VideoGRPOTrainer:
         self.model.eval()
         with self._autocast():
             out = self.model.generate(
-                **prompt, do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
+                **with_rope_positions(self.model.config, prompt), do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
                 max_new_tokens=self.args.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                 # A sampled <|video_pad|> would break the next forward's feature count.
                 suppress_tokens=placeholder_token_ids(self.processor) or None,
@@ -415,8 +416,9 @@ class VideoGRPOTrainer:
     # ---- log-probabilities and the loss ---------------------------------------------------------
 
     def _forward_inputs(self, batch: dict) -> dict:
+        """The model inputs of a rollout batch, with the original model's rope positions (`finger_reward.rope`)."""
         keys = ("input_ids", "attention_mask", "mm_token_type_ids", *VIDEO_KEYS)
-        return {k: batch[k] for k in keys if k in batch}
+        return with_rope_positions(self.model.config, {k: batch[k] for k in keys if k in batch})
 
     def per_token_logps(self, model, batch: dict) -> torch.Tensor:
         """log pi(o_t | v, q, o_<t) of every completion token, the video in the forward pass; (rows, C)."""

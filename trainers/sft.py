@@ -49,6 +49,7 @@ from finger_reward.instruct import VideoSFTCollator, load_instruct
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.prompts import MODES
 from finger_reward.recipes import parse_recipe
+from finger_reward.rope import with_rope_positions
 from finger_reward.scoring import rating_expectation
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,11 @@ class VideoSFTTrainer(SFTTrainer):
         return model.get_base_model() if isinstance(model, PeftModel) else model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's SFT loss (CE on the completion), plus `rating_loss_weight` x Q-Save's rating MSE."""
+        """TRL's SFT loss (CE on the completion), plus `rating_loss_weight` x Q-Save's rating MSE.
+
+        The forward takes the original model's rope positions (`finger_reward.rope`), as scoring does.
+        """
+        inputs = with_rope_positions(self._causal_lm(model).config, inputs)
         positions, targets = inputs.pop("rating_positions", None), inputs.pop("rating_targets", None)
         if positions is None or self.rating_loss_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
