@@ -11,6 +11,11 @@ videos, rewarded by the same pure functions as the single-process trainer (`trai
 - `compute_score`: verl's custom reward, r = r_accuracy + r_format (Eq. 9-11, `finger_reward.rewards`).
 - `FingerVideoDataset`: verl's RLHFDataset whose videos are decoded by `finger_reward.video.load_video`,
   so the policy is trained on the frames the engine scores with (qwen-vl-utils samples other frames).
+- `FingerAgentLoop` (agent name "finger_video", configs/verl_agent_loops.yaml): verl's single-turn
+  agent loop, with the rope positions of the trained policy's forward (verl computes them with the
+  processor's `get_rope_index`, which it binds to transformers' version) taken from
+  `finger_reward.rope` instead (`bind_rope_positions`), so the actor is trained on the positions
+  the vLLM rollout sampled with and the engine scores with.
 
 configs/verl_grpo.yaml wires them up; `python -m finger_reward.trainers.verl_grpo` launches it.
 `import finger_reward.integrations.verl_evaluator` does not import verl.
@@ -27,6 +32,7 @@ from finger_reward import prompts
 from finger_reward.instruct import InstructError, InstructRecord, load_instruct
 from finger_reward.integrations.verl import VERL_KEYWORDS
 from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.rope import RopeLayout, rope_positions
 from finger_reward.video import PATCH_FACTOR, load_video
 
 logger = logging.getLogger(__name__)
@@ -142,9 +148,53 @@ def load_clip(item: dict, image_patch_size: int):
 
 
 def __getattr__(name: str):
-    if name == "FingerVideoDataset":  # verl's loader does getattr(module, "FingerVideoDataset")
+    # verl's loaders do getattr(module, "FingerVideoDataset"), Hydra's getattr(module, "FingerAgentLoop")
+    if name == "FingerVideoDataset":
         return finger_video_dataset_class()
+    if name == "FingerAgentLoop":
+        return finger_agent_loop_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- rope positions for verl's actor ---------------------------------------------------------------
+
+
+def bind_rope_positions(processor, config) -> None:
+    """Make verl's position computation (`processor.get_rope_index`, `get_rope_index_kwargs`) use `finger_reward.rope`.
+
+    verl 0.9.1's agent loop binds transformers' `get_rope_index` to the processor and calls it
+    without `second_per_grid_ts`; both would put the text after a video elsewhere than the
+    model's original code, vLLM's rollout and the engine do. `config` is the model's config.
+    """
+    layout = RopeLayout.from_config(config)
+
+    def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, **_ignored):  # verl also passes mm_token_type_ids
+        return rope_positions(layout, input_ids, attention_mask, image_grid_thw=image_grid_thw,
+                              video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
+
+    processor.get_rope_index = get_rope_index
+    processor.get_rope_index_kwargs = lambda inputs: {"second_per_grid_ts": inputs.get("second_per_grid_ts")}
+
+
+@functools.cache
+def finger_agent_loop_class() -> type:
+    """Build `FingerAgentLoop` on verl's SingleTurnAgentLoop (imports verl)."""
+    try:
+        from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+    except ImportError as err:
+        raise ImportError(f"FingerAgentLoop needs verl: pip install 'finger-reward[verl]' ({err})") from err
+
+    class FingerAgentLoop(SingleTurnAgentLoop):
+        """verl's single-turn agent loop; the worker's processor computes `finger_reward.rope` positions."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.processor is not None:
+                bind_rope_positions(self.processor, self.processor.config)
+
+    FingerAgentLoop.__module__, FingerAgentLoop.__qualname__ = __name__, "FingerAgentLoop"
+    return FingerAgentLoop
 
 
 @functools.cache

@@ -338,3 +338,63 @@ def test_launcher_errors(world, tmp_path):
 def test_hydra_values():
     assert [verl_grpo.hydra_value(v) for v in (None, True, 3, 5e-7, "pkg://a.b", "a b", "1", "it's", ["x", 1], {})] == \
         ["null", "true", "3", "5e-07", "pkg://a.b", "'a b'", "'1'", "'it\\'s'", "[x,1]", "{}"]
+
+
+# ---- rope positions in verl's actor ------------------------------------------------------------------------
+
+
+def test_verl_computes_the_actors_positions_with_finger_reward_rope(world, tiny_model_dir):
+    """verl's own AgentLoopWorker._compute_position_ids, on a processor bound by bind_rope_positions, gives
+    finger_reward.rope's positions (second_per_grid_ts included) in its (1, 4, L) layout."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoProcessor
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    from finger_reward.rope import with_rope_positions
+    from finger_reward.video import load_video
+
+    config, processor = AutoConfig.from_pretrained(tiny_model_dir), AutoProcessor.from_pretrained(tiny_model_dir)
+    # 3 fps: second_per_grid_ts is 2/3, which transformers 5.x would truncate to 0 before scaling.
+    clip = load_video(str(world.clips[0].path), fps=3.0, max_frames=6)
+    split = prompts.split_prompt(processor, "reason")
+    inputs = processor_inputs(processor, split.prefix + split.text_after_video("Is it red?"), clip)
+    evaluator.bind_rope_positions(processor, config)
+    worker = SimpleNamespace(processor=processor)
+    mm = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts", "pixel_values_videos", "mm_token_type_ids")}
+    got = AgentLoopWorker._compute_position_ids(worker, inputs["input_ids"], inputs["attention_mask"], mm)
+    want = with_rope_positions(config, inputs)["position_ids"]
+    assert got.shape == (1, 4, inputs["input_ids"].shape[1])
+    assert torch.equal(got[0, 1:], want[:, 0])
+    assert torch.equal(got[0, 0], torch.arange(inputs["input_ids"].shape[1]))  # verl's 1-D text row
+
+
+def test_the_yaml_selects_the_agent_loop_and_the_launcher_points_verl_at_it(world, tmp_path, capsys, tiny_model_dir):
+    import hydra
+    from transformers import AutoConfig, AutoProcessor
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    from finger_reward.rope import RopeLayout, rope_positions
+
+    verl_grpo.main(["--config", str(YAML), "--train", str(world.instruct_path), "--val", str(world.instruct_path),
+                    "--output_dir", str(tmp_path / "run"), "--dry-run"])
+    config = verl_grpo.compose_verl(shlex.split(capsys.readouterr().out)[3:])
+    agent = config.actor_rollout_ref.rollout.agent
+    assert agent.default_agent_loop == "finger_video"
+    (entry,) = [e for e in OmegaConf.load(agent.agent_loop_config_path) if e.name == agent.default_agent_loop]
+    cls = hydra.utils.get_class(entry._target_)  # what verl's worker instantiates
+    assert cls is evaluator.FingerAgentLoop and issubclass(cls, SingleTurnAgentLoop)
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    # Instantiated as verl's worker does, it binds the worker's processor (verl sets processor.config).
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.config = AutoConfig.from_pretrained(tiny_model_dir)
+    hydra.utils.instantiate(entry, trainer_config=DictConfigWrap(config=config), server_manager=None,
+                            tokenizer=processor.tokenizer, processor=processor, hf_model_type="qwen2_5_vl",
+                            dataset_cls=evaluator.FingerVideoDataset, data_config=DictConfigWrap(config.data))
+    ids = torch.tensor([[9] * 3 + [processor.video_token_id] * 24 + [9] * 2])
+    grid, spg = torch.tensor([[4, 4, 6]]), torch.tensor([0.5])
+    got, _ = processor.get_rope_index(input_ids=ids, attention_mask=torch.ones_like(ids), video_grid_thw=grid,
+                                      **processor.get_rope_index_kwargs({"second_per_grid_ts": spg}))
+    want, _ = rope_positions(RopeLayout.from_config(processor.config), ids, video_grid_thw=grid, second_per_grid_ts=spg)
+    assert torch.equal(got, want)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from finger_reward.integrations.verl_evaluator import instruct_to_verl
 logger = logging.getLogger(__name__)
 
 VERL_ENTRY = "verl.trainer.main_ppo"
+AGENT_LOOP = "finger_video"  # configs/verl_agent_loops.yaml: finger_reward.rope positions in the actor's forward
 _PLAIN = re.compile(r"[A-Za-z0-9_./:@+-]+")  # strings Hydra reads unquoted
 
 
@@ -150,6 +152,9 @@ def build_command(config: str | Path, *, model: str | None, train: str | Path, v
              "trainer.validation_data_dir": str(out / "validation")}
     if model is not None:
         paths["actor_rollout_ref.model.path"] = str(model)
+    if settings.get("actor_rollout_ref", {}).get("rollout", {}).get("agent", {}).get("default_agent_loop") == AGENT_LOOP:
+        paths["actor_rollout_ref.rollout.agent.agent_loop_config_path"] = str(resources.files("finger_reward.configs")
+                                                                              / "verl_agent_loops.yaml")
     base = to_overrides(settings, compose_verl(), str(config))
     base = merge_overrides(base, [f"{k}={hydra_value(v)}" for k, v in paths.items()])
     final = merge_overrides(base, list(overrides))
