@@ -56,6 +56,24 @@ def answer_accuracy(predicted, truth) -> float:
     return float(np.mean(pred == true))
 
 
+def class_accuracy(correct, classes) -> dict:
+    """Accuracy within each class and their mean (balanced accuracy), beside the overall one.
+
+    `correct[i]` says whether question i was answered right, `classes[i]` which class its right
+    answer belongs to (for FingER questions: "fine" when it says the video is fine, else
+    "broken"). On a skewed mix the overall accuracy says little (always answering "fine" scores
+    the share of "fine" questions); the balanced figure weighs each class alike. `balanced` is
+    None unless every class in `classes` has at least one question.
+    """
+    ok = np.asarray(correct, dtype=bool)
+    labels = np.asarray(classes)
+    if ok.shape != labels.shape or not ok.size:
+        raise ValueError(f"correct and classes must be equal, non-empty sequences; got {ok.size} and {labels.size}")
+    per_class = {str(c): float(ok[labels == c].mean()) for c in sorted(set(labels.tolist()))}
+    return {"per_class": per_class, "balanced": float(np.mean(list(per_class.values()))) if len(per_class) > 1 else None,
+            "share": {c: float(np.mean(labels == c)) for c in per_class}}
+
+
 def _correlation(x, y, fn_name: str) -> float:
     try:
         from scipy import stats

@@ -76,6 +76,10 @@ def test_flipped_truths_flip_the_accuracy(tiny_model_dir, heldout, tmp_path):
     other = evaluate_instruct(str(tiny_model_dir), flipped, max_frames=4, progress=False)["dimensions"]
     for dim, row in original.items():
         assert other[dim]["acc"] == pytest.approx(1 - row["acc"]) and other[dim]["acc_prob"] == pytest.approx(1 - row["acc_prob"])
+        # "fine" and "broken" trade places, and the always-"fine" baseline becomes its complement.
+        assert other[dim]["always_fine_acc"] == pytest.approx(1 - row["always_fine_acc"])
+        if row["acc_fine"] is not None:
+            assert other[dim]["acc_broken"] == pytest.approx(1 - row["acc_fine"])
 
 
 def test_training_model_is_put_back_and_results_are_written(tiny_model_dir, heldout, tmp_path):

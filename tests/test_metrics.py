@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from finger_reward.metrics import answer_accuracy, pairwise_accuracy, plcc, srcc
+from finger_reward.metrics import answer_accuracy, class_accuracy, pairwise_accuracy, plcc, srcc
 
 
 def naive_tau(a, b, labels):
@@ -50,6 +50,16 @@ def test_correlations_validate(fn):
         fn([1], [2])
     with pytest.raises(ValueError, match="y contains NaN"):
         fn([1, 2, 3], [1, float("nan"), 3])
+
+
+def test_class_accuracy_weighs_each_class_alike():
+    # 5 "fine" questions all right, 1 "broken" one wrong: 0.83 overall, yet no better than a constant answer.
+    result = class_accuracy([True] * 5 + [False], ["fine"] * 5 + ["broken"])
+    assert result["per_class"] == {"broken": 0.0, "fine": 1.0}
+    assert result["balanced"] == 0.5 and result["share"]["fine"] == pytest.approx(5 / 6)
+    assert class_accuracy([True, False], ["fine", "fine"])["balanced"] is None  # one class: no balanced figure
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        class_accuracy([True], ["fine", "broken"])
 
 
 def test_answer_accuracy_hand_example():

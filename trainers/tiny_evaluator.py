@@ -104,6 +104,7 @@ def free_completion_rewards(model_dir: str | Path, heldout_jsonl: str | Path, *,
     from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
     from finger_reward.instruct import VideoSFTCollator, load_instruct
     from finger_reward.rewards import accuracy_reward, format_reward
+    from finger_reward.rope import with_rope_positions
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -113,7 +114,7 @@ def free_completion_rewards(model_dir: str | Path, heldout_jsonl: str | Path, *,
     with torch.inference_mode():
         for record in records:
             inputs = processor_inputs(processor, collator.prompt_text(record), collator.load_clip(record))
-            out = model.generate(**inputs, max_new_tokens=MAX_REASON_TOKENS, do_sample=False,
+            out = model.generate(**with_rope_positions(model.config, inputs), max_new_tokens=MAX_REASON_TOKENS, do_sample=False,
                                  suppress_tokens=placeholder_token_ids(processor))
             texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     fmt = format_reward(texts)
@@ -139,12 +140,17 @@ def model_card(summary: dict, model_dir: str | Path) -> str:
 
     params = sum(t.numel() for t in load_file(str(Path(model_dir) / "model.safetensors")).values())
     rows = []
+    baseline = summary["grpo"]["overall"]
+    rows.append(f"| always answer \"fine\" (no model) | {baseline['always_fine_acc']:.3f} | 1.000 | 0.000 | 0.500 | - | - | - |")
     for stage, label in (("base", "random weights"), ("sft", "after SFT with reasons"), ("grpo", "after GRPO")):
         figures, free = summary[stage]["overall"], summary[stage]["free_completions"]
-        rows.append(f"| {label} | {figures['acc']:.3f} | {figures['acc_prob']:.3f} | {free['acc']:.3f} | {free['format']:.3f} |")
-    dims = " | ".join(f"{d} {summary['grpo'][d]['acc']:.3f}" for d in summary["grpo"] if d not in ("overall", "free_completions"))
+        rows.append(f"| {label} | {figures['acc']:.3f} | {figures['acc_fine']:.3f} | {figures['acc_broken']:.3f} "
+                    f"| **{figures['balanced_acc']:.3f}** | {figures['acc_prob']:.3f} | {free['acc']:.3f} | {free['format']:.3f} |")
+    per_dim = [(d, f) for d, f in summary["grpo"].items() if d not in ("overall", "free_completions")]
+    dims = "\n".join(f"| {d} | {f['acc']:.3f} | {f['acc_fine']:.3f} | {f['acc_broken']:.3f} | {f['balanced_acc']:.3f} "
+                     f"| {f['always_fine_acc']:.3f} |" for d, f in per_dim)
     seconds = summary["seconds"]
-    return _CARD.format(params=params, rows="\n".join(rows), dims=dims, train=summary["train_records"],
+    return _CARD.format(params=params, rows="\n".join(rows), dims=dims, fine_share=baseline["always_fine_acc"], train=summary["train_records"],
                         clips=f"{summary['train_clips']:,} clips",
                         heldout=summary["heldout_records"], sft=seconds["sft"] / 60, grpo=seconds["grpo"] / 60,
                         machine=summary.get("machine", "CPU"))
@@ -153,7 +159,7 @@ def model_card(summary: dict, model_dir: str | Path) -> str:
 _CARD = """# finger-reward tiny evaluator
 
 A {params:,}-parameter model with the Qwen2.5-VL architecture (2-block vision tower, 2-layer
-language model of width 64, a 1,024-token BPE vocabulary), trained on CPU by this package's own
+language model of width 64 with 2 heads of 32, a 1,024-token BPE vocabulary), trained on CPU by this package's own
 scripts to judge the clips of `finger_reward.synthetic`: one coloured shape moving across a dark
 background, with at most one defect (wrong colour, frozen, flicker, noise and blur on washed-out
 colours, teleport), each belonging to one FingER dimension. It answers FingER's Yes/No questions
@@ -188,16 +194,29 @@ settings in that file and `configs/tiny_evaluator_grpo.yaml`. Time on {machine}:
 
 {heldout:,} questions about clips never seen in training (`finger-reward synthetic --scenes 20
 --seed 99`, the natural mix: one clip in six has the defect a question asks about).
-Acc w/o prob: the hard answer after a greedy reason, as `FingerReward` scores; w/ prob: P(right
-answer) > 0.5 (FingER Table 1-2's two readings). Free completions: the model writes the whole
-completion greedily (no help closing the reason); format and accuracy rewards (Eq. 10-11) on the
-first 200 questions.
+A question is "fine" when its right answer says the clip is fine (Yes to a positive question, No
+to a negative one) and "broken" otherwise; on this mix answering "fine" to everything, with no
+model at all, is right {fine_share:.0%} of the time, so the overall accuracy alone says little. The
+figure to read is the balanced accuracy: the mean of the accuracy on "fine" and on "broken"
+questions (0.5 for any constant answer).
 
-| model | acc w/o prob | acc w/ prob | free completion acc | format reward |
-|---|---|---|---|---|
+Acc: the hard answer after a greedy reason, as `FingerReward` scores (FingER's "w/o prob"); w/ prob:
+P(right answer) > 0.5 (FingER Table 1-2's other reading). Free completions: the model writes the
+whole completion greedily (no help closing the reason); format and accuracy rewards (Eq. 10-11)
+on the first 200 questions.
+
+| model | acc | acc on "fine" | acc on "broken" | balanced acc | acc w/ prob | free completion acc | format reward |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-Per dimension after GRPO (acc w/o prob): {dims}.
+Per dimension after GRPO (w/o prob):
+
+| dimension | acc | acc on "fine" | acc on "broken" | balanced acc | always "fine" |
+|---|---|---|---|---|---|
+{dims}
+
+Positions: every forward, in training and in scoring, takes the 3-D rope positions of Qwen2.5-VL's
+original code (`finger_reward.rope`), as vLLM and checkpoints trained with transformers 4.x use them.
 
 SFT does nearly all of the learning here: GRPO starts from a model that already answers most
 training questions right, so most groups of 8 completions agree and carry no advantage (its
@@ -220,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("base", "sft", "grpo"):
         overall = summary[stage]["overall"]
         free = summary[stage]["free_completions"]
-        print(f"{stage:>5}: held-out acc {overall['acc']:.3f} (w/o prob), {overall['acc_prob']:.3f} (w/ prob); "
+        print(f"{stage:>5}: held-out acc {overall['acc']:.3f} (w/o prob), {overall['acc_prob']:.3f} (w/ prob), "
+              f"balanced {overall['balanced_acc']:.3f} (always 'fine': {overall['always_fine_acc']:.3f}); "
               f"free greedy completions: format {free['format']:.3f}, acc {free['acc']:.3f}")
     print(f"seconds: {summary['seconds']}")
     if args.install:

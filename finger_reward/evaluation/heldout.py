@@ -7,7 +7,10 @@ Every question is answered through `FingerReward.score` (the engine and scoring 
 uses), then compared with the human answer in two ways: "w/ prob" (`acc_prob`), correct when the
 probability of the right answer (Eq. 1) is above 0.5, and "w/o prob" (`acc`), correct when the
 hard answer (argmax of Eq. 1, after a greedy reason in reason mode) is right. Per dimension and
-pooled over all questions ("overall"), as `evaluate.agreement` pools them. The trainers call this
+pooled over all questions ("overall"), as `evaluate.agreement` pools them. Because most questions
+about a decent video are answered "fine" (Yes to a positive question, No to a negative one), w/o
+prob is also split into `acc_fine` and `acc_broken`, their mean `balanced_acc`, and the trivial
+baseline `always_fine_acc` (the accuracy of answering every question "fine"). The trainers call this
 after training when given `eval_data`, writing `output_dir/eval.json`.
 """
 
@@ -42,7 +45,7 @@ def instruct_accuracy(items: Sequence[AnsweredQuestion], scores: dict[Key, Video
 
     A question whose video failed to score, or that its result does not hold, is left out.
     """
-    answered = defaultdict(lambda: ([], [], []))  # hard answers, truths, P(right answer)
+    answered = defaultdict(lambda: ([], [], [], []))  # hard answers, truths, P(right answer), classes
     for item in items:
         result = scores.get((item.video, item.question.prompt))
         found = [q for q in (result.questions if result is not None and result.ok else [])
@@ -54,9 +57,16 @@ def instruct_accuracy(items: Sequence[AnsweredQuestion], scores: dict[Key, Video
             answered[dim][0].append(found[0].answer)
             answered[dim][1].append(item.answer)
             answered[dim][2].append(p_right)
-    return {dim: {"acc": metrics.answer_accuracy(answered[dim][0], answered[dim][1]),
-                  "acc_prob": prob_accuracy(answered[dim][2]), "questions": len(answered[dim][1])}
-            for dim in (*DIMENSIONS, "overall") if dim in answered}
+            answered[dim][3].append("fine" if (item.answer == "Yes") == item.question.positive else "broken")
+    return {dim: _figures(*answered[dim]) for dim in (*DIMENSIONS, "overall") if dim in answered}
+
+
+def _figures(answers: list[str], truths: list[str], p_right: list[float], classes: list[str]) -> dict:
+    by_class = metrics.class_accuracy([a == t for a, t in zip(answers, truths)], classes)
+    return {"acc": metrics.answer_accuracy(answers, truths), "acc_prob": prob_accuracy(p_right),
+            "questions": len(truths), "acc_fine": by_class["per_class"].get("fine"),
+            "acc_broken": by_class["per_class"].get("broken"), "balanced_acc": by_class["balanced"],
+            "always_fine_acc": by_class["share"].get("fine", 0.0)}
 
 
 def evaluate_instruct(
