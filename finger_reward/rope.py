@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RopeLayout", "rope_positions", "with_rope_positions", "next_positions"]
+__all__ = ["RopeLayout", "rope_positions", "with_rope_positions"]
 
 ARCHITECTURES = ("qwen2_5_vl", "qwen3_vl")
 
@@ -93,12 +93,6 @@ def with_rope_positions(config, inputs: dict) -> dict:
         second_per_grid_ts=inputs.get("second_per_grid_ts"),
     )
     return {**inputs, "position_ids": positions}
-
-
-def next_positions(last: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions (3, B, count) of `count` text tokens appended after rows whose last position is `last` (B,)."""
-    steps = torch.arange(1, count + 1, device=last.device)
-    return (last[:, None] + steps)[None].expand(3, -1, -1)
 
 
 # ---- per sequence -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finger_reward.rope import RopeLayout, next_positions, rope_positions
+from finger_reward.rope import RopeLayout, rope_positions
 
 T, IMG, VID = 9, 5, 6  # a text token, the image and video placeholders
 QWEN25 = RopeLayout("qwen2_5_vl", image_token_id=IMG, video_token_id=VID, spatial_merge_size=2, tokens_per_second=4)
@@ -81,10 +81,6 @@ def test_padding_on_either_side_leaves_positions_unchanged():
     alone = [0, 1, 2, 6, 7, 8]  # video slices at 2 and 2 + 4
     assert t == [[1, 1] + alone, alone + [1, 1]]  # padded slots hold 1, as in the original
     assert delta == [9 - 8, 9 - 8]
-
-
-def test_next_positions_continue_each_row():
-    assert next_positions(torch.tensor([16, 3]), 2).tolist() == [[[17, 18], [4, 5]]] * 3
 
 
 def test_qwen3_vl_every_frame_is_its_own_block_after_its_timestamp():
