@@ -126,3 +126,21 @@ def test_a_forward_without_project_positions_is_caught(tiny_model_and_processor,
         model.generate(**inputs, max_new_tokens=1)
     model(**with_rope_positions(model.config, inputs))  # the project's way
     model.generate(**with_rope_positions(model.config, inputs), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("frames, text_after", [(10, 21), (48, 47)])
+def test_a_7b_config_at_real_size(frames, text_after):
+    """Qwen2.5-VL-7B's released config (tokens_per_second 2, merge 2) and a Wan clip (81 frames at 16 fps,
+    480x832) as the engine samples it: 2 fps, 336x588 under 448*448 pixels -> 24x42 patches per frame."""
+    from transformers import Qwen2_5_VLConfig
+
+    layout = RopeLayout.from_config(Qwen2_5_VLConfig(vision_config={"tokens_per_second": 2}))
+    assert (layout.video_token_id, layout.spatial_merge_size, layout.tokens_per_second) == (151656, 2, 2)
+    t = frames // 2
+    video = torch.tensor([[t, 24, 42]])
+    input_ids = torch.tensor([[1] * 20 + [151656] * (t * 12 * 21) + [1] * 5])
+    pos, _ = rope_positions(layout, input_ids, video_grid_thw=video, second_per_grid_ts=torch.tensor([1.0]))
+    # The video starts at 20; its largest position is 20 + max((t - 1) * 1 s * 2, 11, 20): width for 5 s of
+    # video, time for 24 s (where transformers 5.x, resuming at 20 + 21 regardless, overlaps the video's times).
+    assert pos[:, 0, -5].tolist() == [20 + text_after] * 3
+    assert pos[0, 0, 20 + 12 * 21 * (t - 1)].item() == 20 + 2 * (t - 1)
