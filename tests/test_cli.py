@@ -88,6 +88,9 @@ def test_make_tiny_model(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
     assert model.config.model_type == "qwen2_5_vl"
+    text = model.config.text_config
+    assert text.head_dim >= 32  # vLLM's CPU attention serves no head size below 32
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.head_dim
 
 
 def test_questions_template_resumes(tmp_path):
