@@ -1,9 +1,11 @@
 """POSTs to OpenAI-compatible chat-completions endpoints, with retries: shared by question generation and scoring.
 
-Timeouts, dropped connections, 408/409/429 and 5xx answers are retried with exponential back-off
-(honouring Retry-After); any other 4xx answer fails at once, as asking again cannot help.
-Sync (`post_json`, for thread pools) and async (`apost_json`, for one asyncio connection pool)
-share the same policy.
+Timeouts, dropped connections, 408/429 ("later", not "wrong") and 500/502/503/504 answers are
+retried with exponential back-off (honouring Retry-After); any other 4xx answer fails at once, as
+asking again cannot help. A 500 whose body repeats the previous attempt's word for word is a
+deterministic error of the request (vLLM answers a 1-frame video with 500 "division by zero"
+every time), so it fails at its second attempt instead of using every retry. Sync (`post_json`,
+for thread pools) and async (`apost_json`, for one asyncio connection pool) share the same policy.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import random
 import time
 from dataclasses import dataclass
 
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class HTTPStatusError(RuntimeError):
-    """An HTTP error answer; `status` is its code, `retry_after` the server's Retry-After in seconds, if any."""
+    """An HTTP error answer; `status` is its code, `body` its text, `retry_after` the server's Retry-After in seconds."""
 
     def __init__(self, response):
-        self.status = response.status_code
+        self.status, self.body = response.status_code, response.text
         header = response.headers.get("retry-after")
         self.retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
         super().__init__(f"HTTP {response.status_code} from {response.request.url}: {response.text[:200]}")
@@ -74,15 +76,26 @@ class RetriesExhausted(RuntimeError):
         super().__init__(f"{error} (gave up after {attempts} attempt(s))")
 
 
-def _gave_up(error: Exception, policy: RetryPolicy) -> Exception:
-    return RetriesExhausted(error, policy.max_retries + 1)
+def repeated_error(error: Exception, previous: Exception | None) -> bool:
+    """Whether `error` is a 500 with the same body as the attempt before: deterministic, so not worth retrying."""
+    return (isinstance(error, HTTPStatusError) and error.status == 500 and isinstance(previous, HTTPStatusError)
+            and previous.status == 500 and error.body == previous.body)
+
+
+class DeterministicError(RuntimeError):
+    """The server answered 500 with the same body twice in a row: an error of the request, not of the moment."""
+
+    def __init__(self, error: Exception, attempts: int):
+        self.status = 500
+        super().__init__(f"{error} (the same HTTP 500 twice in a row: an error of this request, not a transient "
+                         f"one, so not retried after {attempts} attempts)")
 
 
 def post_json(client, url: str, body: dict, *, headers: dict | None = None, policy: RetryPolicy = RetryPolicy()) -> dict:
     """POST `body` with an `httpx.Client`, retrying per `policy`; returns the JSON answer or raises the last error."""
     import httpx
 
-    error: Exception = RuntimeError("no request made")
+    error: Exception | None = None
     for retry in range(policy.max_retries + 1):
         if retry:
             time.sleep(policy.delay(retry, error))
@@ -92,15 +105,17 @@ def post_json(client, url: str, body: dict, *, headers: dict | None = None, poli
             result = err
         if not isinstance(result, Exception):
             return result
+        if repeated_error(result, error):
+            raise DeterministicError(result, retry + 1) from result
         error = result
-    raise _gave_up(error, policy) from error
+    raise RetriesExhausted(error, policy.max_retries + 1) from error
 
 
 async def apost_json(client, url: str, body: dict, *, headers: dict | None = None, policy: RetryPolicy = RetryPolicy()) -> dict:
     """`post_json` for an `httpx.AsyncClient`."""
     import httpx
 
-    error: Exception = RuntimeError("no request made")
+    error: Exception | None = None
     for retry in range(policy.max_retries + 1):
         if retry:
             await asyncio.sleep(policy.delay(retry, error))
@@ -110,5 +125,7 @@ async def apost_json(client, url: str, body: dict, *, headers: dict | None = Non
             result = err
         if not isinstance(result, Exception):
             return result
+        if repeated_error(result, error):
+            raise DeterministicError(result, retry + 1) from result
         error = result
-    raise _gave_up(error, policy) from error
+    raise RetriesExhausted(error, policy.max_retries + 1) from error

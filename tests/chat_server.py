@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Status:
     code: int
     retry_after: float | None = None
+    message: str = "scripted failure"  # the error body's message
 
 
 @dataclass
@@ -27,11 +28,11 @@ class Slow:
 
 
 class LoopbackServer:
-    """A ThreadingHTTPServer on 127.0.0.1 at a free port, served from a daemon thread inside `with`."""
+    """A ThreadingHTTPServer on 127.0.0.1 (at a free port unless given), served from a daemon thread inside `with`."""
 
-    def _listen(self, handler: type) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def _listen(self, handler: type, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self):
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -94,7 +95,7 @@ class ChatServer(LoopbackServer):
                 server.requests[-1].update(auth=self.headers.get("Authorization"), body=body)
                 if isinstance(step, Status):
                     headers = {"Retry-After": str(step.retry_after)} if step.retry_after is not None else {}
-                    return self._send(step.code, {"error": {"message": "scripted failure"}}, headers)
+                    return self._send(step.code, {"error": {"message": step.message}}, headers)
                 if isinstance(step, Slow):
                     time.sleep(step.seconds)
                     step = step.text
