@@ -222,8 +222,10 @@ def _load_reward(args, model: str, questions):
     if getattr(args, "base_url", None):
         if args.device or args.dtype:
             raise FingerError("--device and --dtype are for a local model; the server at --base-url chooses its own")
-        reward = FingerReward.from_openai(args.base_url, model, api_key=args.api_key, top_logprobs=args.top_logprobs,
-                                          concurrency=args.concurrency, **options)
+        reward = FingerReward.from_openai(args.base_url, model, api_key=args.api_key, processor=args.processor,
+                                          top_logprobs=args.top_logprobs, concurrency=args.concurrency, **options)
+    elif getattr(args, "processor", None):
+        raise FingerError("--processor checks a server's inputs: it goes with --base-url")
     else:
         reward = FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
     if reward.video_options["slowfast"] is not None:
@@ -234,8 +236,13 @@ def _load_reward(args, model: str, questions):
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring through an OpenAI-compatible server (vLLM, SGLang)")
     group.add_argument("--base-url", help="the server's URL, e.g. http://gpu-box:8000/v1; --model is then the served model name")
+    group.add_argument("--processor", metavar="DIR",
+                       help="the served checkpoint's directory (or 'tiny'): checks each video's first request against "
+                            "the local processor, and gives mode, fps and max_pixels from its finger_reward.json")
     group.add_argument("--api-key", help="default: $OPENAI_API_KEY")
-    group.add_argument("--top-logprobs", type=int, default=20, help="K of top_logprobs (default 20, vLLM's default limit)")
+    group.add_argument("--top-logprobs", type=int,
+                       help="K of top_logprobs (default 512: a random-weight tiny model scores; the server must allow "
+                            "it, vLLM --max-logprobs; 20 is enough for a trained checkpoint)")
     group.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
 
 

@@ -163,25 +163,39 @@ class FingerReward:
         model: str,
         *,
         api_key: str | None = None,
+        processor=None,
         questions=None,
         question_generator=None,
-        mode: str = "answer",
+        mode: str | None = None,
         max_new_tokens: int = 256,
-        top_logprobs: int = 20,
+        top_logprobs: int | None = None,
         concurrency: int = 16,
         **options,
     ) -> "FingerReward":
         """Score through an OpenAI-compatible server (vLLM, SGLang) hosting the FingER model under the name `model`.
 
-        See `engine.openai_backend.OpenAIEngine` for how requests are made and what the server needs;
-        build one yourself for its other options. Other keyword options are those of `FingerReward`.
+        `processor` is the checkpoint's directory (or "tiny", or a loaded processor): with it each
+        video's first request is checked against the local processor's prompt, and settings left
+        out (mode, fps, max_frames, max_pixels, slowfast) come from the directory's finger_reward.json
+        as in `from_pretrained`. See `engine.openai_backend.OpenAIEngine` for how requests are made and
+        `engine.server_inputs.serve_commands` for the server command; build an engine yourself for
+        its other options. Other keyword options are those of `FingerReward`.
         """
-        from finger_reward.engine.openai_backend import OpenAIEngine
+        from finger_reward import pretrained
+        from finger_reward.engine.openai_backend import DEFAULT_TOP_LOGPROBS, OpenAIEngine
 
-        engine = OpenAIEngine(base_url, model, api_key=api_key, mode=mode, max_new_tokens=max_new_tokens,
-                              top_logprobs=top_logprobs, concurrency=concurrency,
-                              progress=bool(options.get("progress", False)))
-        return cls(engine, questions=questions, question_generator=question_generator, **options)
+        defaults = {}
+        if isinstance(processor, (str, Path)):
+            processor = pretrained.resolve(str(processor))
+            defaults = pretrained.scoring_defaults(processor)
+            if "slowfast" in defaults:
+                defaults["slowfast"] = pretrained.as_slowfast(defaults["slowfast"])
+        mode = mode or defaults.pop("mode", "answer")
+        defaults.pop("mode", None)
+        engine = OpenAIEngine(base_url, model, api_key=api_key, processor=processor, mode=mode,
+                              max_new_tokens=max_new_tokens, top_logprobs=top_logprobs or DEFAULT_TOP_LOGPROBS,
+                              concurrency=concurrency, progress=bool(options.get("progress", False)))
+        return cls(engine, questions=questions, question_generator=question_generator, **{**defaults, **options})
 
     def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
         """One overall score per video (NaN for a failed video when on_error="nan").
