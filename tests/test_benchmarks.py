@@ -51,3 +51,25 @@ def test_the_large_configs_refuse_to_run_without_a_gpu(config):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "diffusers_loops.py"), "--config", config],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+
+
+@pytest.mark.slow
+def test_vllm_parity_benchmark_agrees_with_the_stand_in_server():
+    """The tiny evaluator served by tests/logprob_server.py under the documented flags scores as local scoring does."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from finger_reward.engine.server_inputs import vllm_flags
+    from finger_reward.pretrained import TINY_EVALUATOR
+    from tests.logprob_server import LogprobServer, server_options
+
+    model = AutoModelForImageTextToText.from_pretrained(TINY_EVALUATOR).eval()
+    processor = AutoProcessor.from_pretrained(TINY_EVALUATOR)
+    vocab = len(processor.tokenizer)  # every Yes/No spelling in the top K: Eq. 1 exactly
+    settings = server_options(vllm_flags(fps=2.0, max_pixels=200704, top_logprobs=vocab))
+    with LogprobServer(model, processor, **settings) as server:
+        out = run_script("vllm_parity.py", "--base-url", server.url, "--model-dir", "tiny", "--served-model", "tiny",
+                         "--scenes", "1", "--top-logprobs", str(vocab))
+    gaps = dict(re.findall(r"(answer|reason): max \|P\(Yes\)\| local vs server = ([0-9.e+-]+)", out))
+    assert set(gaps) == {"answer", "reason"}, out
+    assert float(gaps["answer"]) <= 1e-4 and float(gaps["reason"]) <= 1e-4, out
+    assert "answers read after re-sent text: 0" in out and "reasons that differ: 0" in out, out
