@@ -533,6 +533,9 @@ def _report(results, as_json: bool, details: bool = True) -> int:
     return 0 if len(scored) == len(results) else 1
 
 
+_MISSING = {"yes": "no Yes", "no": "no No", "partial": "not every Yes/No spelling"}
+
+
 def format_table(result) -> str:
     """A readable block per video: overall, per-dimension scores, then each question."""
     lines = [f"{result.video}", f"  prompt:  {result.prompt}",
@@ -543,7 +546,7 @@ def format_table(result) -> str:
             lines.append(f"    {dim:<22} {result.dimensions[dim]:.3f}   ({count} questions)")
     for q in result.questions:
         sign = "+" if q.positive else "-"
-        flag = f"  (no {q.missing_variant.capitalize()} in the server's top tokens)" if q.missing_variant else ""
+        flag = f"  ({_MISSING[q.missing_variant]} in the server's top tokens)" if q.missing_variant else ""
         lines.append(f"    [{sign}] {q.answer:<3} P(Yes)={q.p_yes:.3f} score={q.score:.3f}  {q.question}{flag}")
         if q.reason:
             lines.append(f"          reason: {q.reason}")

@@ -24,7 +24,9 @@ class QuestionScore:
     score: float
     answer: str
     reason: str | None = None
-    missing_variant: str | None = None  # "yes"/"no": that set was outside a server's top-K log-probabilities
+    # From a server's top-K log-probabilities: "yes"/"no" when that whole set was outside the top K,
+    # "partial" when some spellings of either were.
+    missing_variant: str | None = None
 
 
 @dataclass(frozen=True)
