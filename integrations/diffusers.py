@@ -1,6 +1,10 @@
 """FingER for diffusers video pipelines and the diffusion-RL code bases built on them.
 
-Three adapters:
+Four adapters:
+
+- `pipeline_fps(pipe)`: the frame rate a pipeline's videos play at (Wan 16, LTX-Video 24), from the
+  pipeline's config where it records one, else `PIPELINE_FPS` by family. Every adapter here passes
+  it on, so in-memory frames are sampled in real time, never taken as already at the reward's fps.
 
 - `pipeline_videos(output)`: a pipeline's batched `.frames` -> one video per batch item, in a
   form `FingerReward` accepts. Batch-first conversion lives here, never in the core.
@@ -37,8 +41,51 @@ from finger_reward.questions import DIMENSIONS
 from finger_reward.results import VideoScore
 
 OUTPUT_TYPES = ("np", "pt", "pil")
+
+# Frame rate by pipeline family: the first entry whose name is the start of a class name in the
+# pipeline's MRO. Edit it (or pass video_fps= to an adapter) for a family or checkpoint not here.
+PIPELINE_FPS: dict[str, float] = {
+    "WanPipeline": 16.0,       # Wan2.1 T2V 1.3B/14B and Wan2.2 A14B: 81 frames = 5 s
+    "Wan": 16.0,               # Wan image-to-video, VACE, ...
+    "LTX": 24.0,               # LTX-Video (its pipelines take frame_rate=25 for conditioning; files are 24)
+    "CogVideoX": 8.0,          # CogVideoX-2b/5b: 49 frames = 6 s
+    "HunyuanVideo": 24.0,
+    "Mochi": 30.0,
+    "Allegro": 15.0,
+}
+WAN22_TI2V_FPS = 24.0  # Wan2.2-TI2V-5B (expand_timesteps in its config) renders 24 fps
+_CONFIG_FPS_KEYS = ("fps", "frame_rate", "video_fps")
 _RANGE_TOL = 1e-3
 _LATENT_FIX = 'call the pipeline with output_type "np", "pt" or "pil" (or decode the latents with pipe.vae first)'
+
+
+# ---- pipeline -> frame rate ----------------------------------------------------------------------
+
+
+def pipeline_fps(pipe) -> float:
+    """The frame rate (frames per second) of `pipe`'s videos: what FingER samples them against.
+
+    Read from the pipeline's config when it records one (`fps`, `frame_rate` or `video_fps`; set
+    one with `pipe.register_to_config(fps=...)`), else Wan2.2-TI2V's 24 for a Wan pipeline with
+    `expand_timesteps`, else `PIPELINE_FPS` by the class names in the pipeline's MRO. An unknown
+    family is an error naming the pipeline and both ways to give its rate.
+    """
+    config = getattr(pipe, "config", None) or {}
+    for key in _CONFIG_FPS_KEYS:
+        value = config.get(key) if hasattr(config, "get") else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not 0 < value < math.inf:
+                raise ValueError(f"{type(pipe).__name__}.config[{key!r}]={value!r} is not a positive frame rate")
+            return float(value)
+    names = [cls.__name__ for cls in type(pipe).__mro__]
+    if any(n.startswith("Wan") for n in names) and hasattr(config, "get") and config.get("expand_timesteps"):
+        return WAN22_TI2V_FPS
+    for family, fps in PIPELINE_FPS.items():
+        if any(n.startswith(family) for n in names):
+            return float(fps)
+    raise ValueError(f"no frame rate known for {type(pipe).__name__}: pass video_fps= (its videos' frames per "
+                     f"second), call pipe.register_to_config(fps=...), or add it to PIPELINE_FPS "
+                     f"(known families: {', '.join(PIPELINE_FPS)})")
 
 
 # ---- pipeline output -> videos -------------------------------------------------------------------

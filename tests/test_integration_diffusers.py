@@ -198,3 +198,29 @@ def test_tiny_wan_saves_reloads_and_regenerates_offline(pipe, outputs, tmp_path)
     reloaded = WanPipeline.from_pretrained(make_tiny_wan_pipeline(tmp_path / "wan", seed=0))
     reloaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(generate(reloaded, "np").frames, outputs["np"].frames)
+
+
+# ---- pipeline_fps ---------------------------------------------------------------------------------
+
+
+def test_pipeline_fps_by_family_config_and_override(pipe):
+    from finger_reward.integrations.diffusers import PIPELINE_FPS, pipeline_fps
+    from finger_reward.tiny_ltx import build_tiny_ltx_pipeline
+
+    assert pipeline_fps(pipe) == 16.0  # WanPipeline: Wan2.1
+    assert pipeline_fps(build_tiny_wan_pipeline(seed=0, ti2v=True)) == 24.0  # Wan2.2-TI2V-5B: expand_timesteps
+    assert pipeline_fps(build_tiny_ltx_pipeline(seed=0)) == 24.0
+    other = build_tiny_wan_pipeline(seed=0)
+    other.register_to_config(fps=12)  # a checkpoint that records its own rate wins over the table
+    assert pipeline_fps(other) == 12.0
+
+    class Custom:
+        config = {}
+
+    with pytest.raises(ValueError, match="Custom.*video_fps=.*PIPELINE_FPS"):
+        pipeline_fps(Custom())
+    PIPELINE_FPS["Custom"] = 10.0
+    try:
+        assert pipeline_fps(Custom()) == 10.0
+    finally:
+        del PIPELINE_FPS["Custom"]
