@@ -117,7 +117,10 @@ def pairwise_accuracy(scores_a, scores_b, labels, *, epsilon: float | None = Non
     diff: accuracy of sign(a - b) on the pairs humans did not tie ("w/o ties"); a pair scored exactly
     equal counts as wrong. NaN when every pair is a human tie.
 
-    Returns {"tau", "diff", "epsilon", "pairs", "ties"} (ties = number of human ties).
+    tau_videoalign: tau as KwaiVGI/VideoAlign's `calc_accuracy.py` computes it (`tau_videoalign`),
+    for comparison with tables made with that script.
+
+    Returns {"tau", "tau_videoalign", "diff", "epsilon", "pairs", "ties"} (ties = number of human ties).
     """
     a, b = _vector(scores_a, "scores_a"), _vector(scores_b, "scores_b")
     y = _vector(labels, "labels")
@@ -134,7 +137,96 @@ def pairwise_accuracy(scores_a, scores_b, labels, *, epsilon: float | None = Non
         if not np.isfinite(epsilon) or epsilon < 0:
             raise ValueError(f"epsilon must be a finite number >= 0 or None; got {epsilon!r}")
         correct = int(np.sum(np.where(gap <= epsilon, 0.0, sign) == y))
-    return {"tau": correct / n, "diff": diff, "epsilon": float(epsilon), "pairs": n, "ties": int(n - untied.sum())}
+    return {"tau": correct / n, "tau_videoalign": tau_videoalign(a - b, y), "diff": diff, "epsilon": float(epsilon),
+            "pairs": n, "ties": int(n - untied.sum())}
+
+
+ARENA_VOTES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
+
+
+def arena_accuracy(scores_a, scores_b, votes, *, epsilon: float | None = None,
+                   bad_threshold: float | None = None) -> dict:
+    """GenAI-Bench's four-way arena accuracy (left, right, tie, both bad) for a scoring model.
+
+    The model votes A>B when a - b > epsilon, B>A when b - a > epsilon, and otherwise a tie: both
+    bad when the pair's mean score is below `bad_threshold`, both good otherwise. It is right as
+    TIGER-AI-Lab/GenAI-Bench `inference.py` counts a judge right: A>B for "leftvote", B>A for
+    "rightvote", A=B=Good for "tievote", A=B=Bad for "bothbad_vote". With None, epsilon and the
+    threshold are calibrated like tau's epsilon: the pair with the most right votes (epsilon over
+    {0} and every gap, the threshold over every tied pair's mean and +inf; the smallest of equals).
+
+    Returns {"accuracy", "per_vote" (accuracy within each human vote), "epsilon", "bad_threshold",
+    "majority_baseline" (always giving the most common human vote), "pairs"}.
+    """
+    a, b = _vector(scores_a, "scores_a"), _vector(scores_b, "scores_b")
+    vote = np.array([str(v).lower() for v in votes])
+    _same_length(scores_a=a, scores_b=b, votes=vote)
+    bad = [str(v) for v in vote if v not in ARENA_VOTES]
+    if bad:
+        raise ValueError(f"votes must be one of {', '.join(ARENA_VOTES)}; got {bad[0]!r}")
+    gap, mean = a - b, (a + b) / 2
+    if epsilon is None or bad_threshold is None:
+        epsilon, bad_threshold = _calibrate_arena(gap, mean, vote, epsilon, bad_threshold)
+    right = _arena_right_mask(gap, mean, vote, epsilon, bad_threshold)
+    share = {v: float(np.mean(vote == v)) for v in ARENA_VOTES}
+    return {"accuracy": float(right.mean()), "epsilon": float(epsilon), "bad_threshold": float(bad_threshold),
+            "per_vote": {v: float(right[vote == v].mean()) for v in ARENA_VOTES if (vote == v).any()},
+            "majority_baseline": max(share.values()), "pairs": len(vote)}
+
+
+def _calibrate_arena(gap, mean, vote, epsilon, bad_threshold) -> tuple[float, float]:
+    """(epsilon, bad_threshold) with the most right votes, the smallest of equals; a given one stays fixed.
+
+    Pairs join the model's ties in ascending |gap|; each keeps, per candidate threshold, how many
+    tied pairs it gets right, so every epsilon costs one vector update per joining pair.
+    """
+    order = np.argsort(np.abs(gap), kind="stable")
+    size, vote = np.abs(gap)[order], vote[order]
+    untied_right = np.where(gap[order] > 0, vote == "leftvote", vote == "rightvote")
+    right_from = np.concatenate([np.cumsum(untied_right[::-1])[::-1], [0]])  # untied right among pairs k..n-1
+    thresholds = np.array([bad_threshold]) if bad_threshold is not None else np.append(np.unique(mean), np.inf)
+    # a "both bad" tie is right for thresholds above its mean, a "tie" vote for thresholds at or below it
+    above = np.searchsorted(thresholds, mean[order], side="right")
+    tied_right = np.zeros(len(thresholds), dtype=np.int64)
+    best, k = (-1, 0.0, 0.0), 0
+    for eps in [epsilon] if epsilon is not None else np.unique(np.append(size, 0.0)):
+        while k < len(size) and size[k] <= eps:
+            if vote[k] == "bothbad_vote":
+                tied_right[above[k]:] += 1
+            elif vote[k] == "tievote":
+                tied_right[:above[k]] += 1
+            k += 1
+        j = int(np.argmax(tied_right))
+        if right_from[k] + tied_right[j] > best[0]:
+            best = (right_from[k] + tied_right[j], float(eps), float(thresholds[j]))
+    return best[1], best[2]
+
+
+def _arena_right_mask(gap, mean, vote, epsilon, bad_threshold) -> np.ndarray:
+    tie = np.abs(gap) <= epsilon
+    return np.where(tie, np.where(mean < bad_threshold, vote == "bothbad_vote", vote == "tievote"),
+                    np.where(gap > 0, vote == "leftvote", vote == "rightvote"))
+
+
+def tau_videoalign(model_gap, labels) -> float:
+    """Tie-calibrated accuracy as VideoAlign's `calc_accuracy_with_ties` computes it.
+
+    `model_gap[i]` is score_A - score_B, `labels[i]` 1 / -1 / 0 (human tie). Pairs are visited in
+    ascending |gap| (stable order); after visiting the k-th, the first k pairs count as model ties
+    and the rest keep sign(gap) (a gap of exactly 0 counts as a wrong preference); tau is the best
+    of these n accuracies. It differs from `pairwise_accuracy`'s exact optimum in two ways: the
+    threshold below the smallest gap (no model tie) is never tried, and pairs with equal gaps
+    become ties one at a time rather than together (so it can also be above the exact optimum,
+    which makes equal gaps ties together).
+    """
+    gap, y = _vector(model_gap, "model_gap"), _vector(labels, "labels")
+    _same_length(model_gap=gap, labels=y)
+    order = np.argsort(np.abs(gap), kind="stable")
+    gap, y = gap[order], y[order]
+    untied_right = (y != 0) & (y * gap > 0)  # counted right while still untied
+    tied_right = np.cumsum(y == 0)  # human ties among the first k, right once they are model ties
+    right_after = np.concatenate([np.cumsum(untied_right[::-1])[::-1][1:], [0]])  # untied-right among pairs k+1..n
+    return float(np.max((tied_right + right_after) / len(y)))
 
 
 def _calibrate(gap: np.ndarray, sign: np.ndarray, y: np.ndarray) -> tuple[float, int]:

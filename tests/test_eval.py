@@ -1,6 +1,7 @@
 """`finger-reward eval` end to end on synthetic-world data with the tiny model, and the agreement math."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -95,3 +96,44 @@ def test_eval_pairs_and_a_missing_video(world, pairs_file, tiny_model_dir, tmp_p
     assert 0 <= overall["tau"] <= 1 and 0 <= overall["diff"] <= 1
     assert figures["failed_videos"] == [str(tmp_path / "gone.mp4")]
     assert "tau" in done.stdout and "1 video(s) failed" in done.stdout
+
+
+# ---- the published pair layouts, scored by hand-made results ----------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+def _scores_for(bench, value):
+    """A VideoScore per (video, prompt) of the benchmark: overall and every dimension = value(video)."""
+    from finger_reward.results import VideoScore
+
+    return {key: VideoScore(key[0], key[1], value(key[0]), {d: value(key[0]) for d in DIMENSIONS})
+            for key in ev.benchmark_videos(bench)}
+
+
+def test_videogen_rewardbench_lists_mq_as_unmapped_and_names_what_each_column_is_compared_with():
+    bench = load_benchmark("videogen-rewardbench", FIXTURES / "videogen-rewardbench.csv")
+    mq = sum(pair.dimension == "MQ" for pair in bench.items)
+    figures = ev.agreement(bench, _scores_for(bench, lambda video: len(video) / 100))
+    assert set(figures["pairs"]) == {"overall", "VQ", "TA"} and mq > 0
+    assert figures["unmapped"] == {"MQ": {"pairs": mq, "reason": ev.UNMAPPED["MQ"]}}
+    assert figures["compared_with"] == {"overall": "overall", "VQ": "visual_quality", "TA": "text_alignment"}
+    for row in figures["pairs"].values():
+        assert {"tau", "tau_videoalign", "diff"} <= set(row) and "arena" not in row
+    table = ev.format_table(figures)
+    assert f"not compared: MQ ({mq} pairs)" in table and "tau(VA)" in table and "visual_quality" in table
+
+
+def test_genai_bench_arena_reports_the_four_way_accuracy_beside_tau():
+    bench = load_benchmark("genai", FIXTURES / "genai_bench_video_pairs.jsonl",
+                           video_map={"left_003.mp4": "/videos/left_003.mp4"})
+    # left videos score 0.8, right ones 0.3, except the tie row (both 0.5) and the both-bad row (both 0.1).
+    by_name = {"left_000": 0.8, "right_000": 0.3, "left_001": 0.3, "right_001": 0.8, "left_002": 0.5,
+               "right_002": 0.5, "left_003": 0.1, "right_003": 0.1}
+    figures = ev.agreement(bench, _scores_for(bench, lambda video: by_name[Path(video).stem]))
+    overall = figures["pairs"]["overall"]
+    assert overall["tau"] == 1.0 and overall["arena"]["accuracy"] == 1.0
+    assert overall["arena"]["per_vote"] == {v: 1.0 for v in ("leftvote", "rightvote", "tievote", "bothbad_vote")}
+    assert overall["arena"]["majority_baseline"] == 0.25
+    assert figures["unmapped"] == {}
+    assert "four-way accuracy (GenAI-Bench) 1.000" in ev.format_table(figures)

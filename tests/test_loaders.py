@@ -19,6 +19,7 @@ from finger_reward.evaluation import (
     load_genai_bench_pairs,
     load_genai_bench_ratings,
     load_preference_pairs,
+    load_video_map,
 )
 from finger_reward.questions import Question
 
@@ -89,14 +90,35 @@ def test_genai_bench_ratings_one_video_per_prompt_and_generator():
     assert load_genai_bench_ratings(folder / "genai_video.json").items == bench.items
 
 
-def test_genai_bench_pairs_maps_the_four_votes():
-    bench = load_genai_bench_pairs(FIXTURES / "genai_bench_video_pairs.jsonl", video_root="/data/arena")
+# The fixture's 4th row names its left video by URL, as the published parquet may.
+ARENA_MAP = {"left_003.mp4": "/data/arena/downloads/left_003.mp4"}
+
+
+def test_genai_bench_pairs_keeps_the_four_votes():
+    bench = load_genai_bench_pairs(FIXTURES / "genai_bench_video_pairs.jsonl", video_root="/data/arena",
+                                   video_map=ARENA_MAP)
     assert (bench.name, bench.kind) == ("genai-bench-video-pairs", "pairs")
-    assert [pair.label for pair in bench.items] == [1, -1, 0, 0]
+    assert [pair.label for pair in bench.items] == [1, -1, 0, 0]  # tau/diff: both kinds of tie are 0
+    assert [pair.vote for pair in bench.items] == ["leftvote", "rightvote", "tievote", "bothbad_vote"]
     assert all(isinstance(pair, VideoPair) and pair.dimension == "overall" for pair in bench.items)
     assert bench.items[0].video_a == "/data/arena/videos/left_000.mp4"
-    assert bench.items[3].video_a == "https://example.org/videos/left_003.mp4"  # URLs are kept as they are
-    assert "GenAI-Bench arena-vote form" in bench.note and "2 ties" in bench.note
+    assert bench.items[3].video_a == "/data/arena/downloads/left_003.mp4"  # the URL, through the map by file name
+    assert "1 tievote, 1 bothbad_vote" in bench.note
+
+
+def test_a_url_video_without_a_map_says_how_to_supply_local_files(tmp_path):
+    with pytest.raises(BenchmarkError, match=r"line 4: field 'left_video': 'https://example.org/videos/left_003.mp4' "
+                                             r"is a URL.*--video-map FILE"):
+        load_genai_bench_pairs(FIXTURES / "genai_bench_video_pairs.jsonl")
+    # A map read from a file (CSV rows here; a JSON object works too), keyed by the full URL.
+    video_map = tmp_path / "map.csv"
+    video_map.write_text("url,path\nhttps://example.org/videos/left_003.mp4,downloads/l3.mp4\n")
+    bench = load_benchmark("genai", FIXTURES / "genai_bench_video_pairs.jsonl", video_map=load_video_map(video_map))
+    assert bench.items[3].video_a == str(tmp_path / "downloads" / "l3.mp4")
+    (tmp_path / "other.json").write_text(json.dumps({"something_else.mp4": "x.mp4"}))
+    with pytest.raises(BenchmarkError, match="no entry for it or for its file name 'left_003.mp4'"):
+        load_genai_bench_pairs(FIXTURES / "genai_bench_video_pairs.jsonl",
+                               video_map=load_video_map(tmp_path / "other.json"))
 
 
 def test_genai_bench_pairs_reads_a_parquet_export(tmp_path):
@@ -104,7 +126,7 @@ def test_genai_bench_pairs_reads_a_parquet_export(tmp_path):
     pa = pytest.importorskip("pyarrow")
     rows = [json.loads(line) for line in (FIXTURES / "genai_bench_video_pairs.jsonl").read_text().splitlines()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000-of-00001.parquet")
-    bench = load_genai_bench_pairs(tmp_path / "test-00000-of-00001.parquet")
+    bench = load_genai_bench_pairs(tmp_path / "test-00000-of-00001.parquet", video_map=ARENA_MAP)
     assert [pair.label for pair in bench.items] == [1, -1, 0, 0]
     assert bench.items[1].video_b == str(tmp_path / "videos" / "right_001.mp4")
 
@@ -129,6 +151,17 @@ def test_videogen_rewardbench_jsonl_matches_the_csv():
     from_jsonl = load_preference_pairs(FIXTURES / "videogen-rewardbench.jsonl", video_root="/v")
     assert from_jsonl.items == from_csv.items
     assert from_csv.items[5].video_b == "/v/videos/pika_0002.mp4"
+
+
+def test_monetbench_prompt_under_its_readers_names_or_an_error_naming_the_columns(tmp_path):
+    row = {"video1_path": "a.mp4", "video2_path": "b.mp4", "standard_answer": "video1"}
+    for column in ("prompt", "caption", "text"):
+        path = _lines(tmp_path / f"{column}.jsonl", {**row, column: "a red kite"})
+        assert load_preference_pairs(path).items[0].prompt == "a red kite"
+    path = _lines(tmp_path / "none.jsonl", {**row, "internal_id": 7})
+    with pytest.raises(BenchmarkError, match="no prompt column; expected one of prompt, caption.*found video1_path, "
+                                             "video2_path, standard_answer, internal_id"):
+        load_preference_pairs(path)
 
 
 def test_monetbench_pairs_and_explicit_name():
@@ -217,7 +250,7 @@ def test_load_benchmark_dispatches_and_detects_the_genai_form():
     assert genai_bench_form(FIXTURES / "GenAI-Bench-800") == "ratings"
     ratings = FIXTURES / "GenAI-Bench-800" / "genai_video.json"
     assert load_benchmark("genai", ratings).name == "genai-bench-video-ratings"
-    assert load_benchmark("genai", FIXTURES / "genai_bench_video_pairs.jsonl").name == "genai-bench-video-pairs"
+    assert load_benchmark("genai", FIXTURES / "genai_bench_video_pairs.jsonl", video_map=ARENA_MAP).name == "genai-bench-video-pairs"
     assert load_benchmark("pairs", FIXTURES / "videogen-rewardbench.csv").name == "videogen-rewardbench"
     assert load_benchmark("monetbench", FIXTURES / "videogen-rewardbench.csv").name == "monetbench"
 

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from finger_reward.metrics import answer_accuracy, class_accuracy, pairwise_accuracy, plcc, srcc
+from finger_reward.metrics import (
+    ARENA_VOTES,
+    answer_accuracy,
+    arena_accuracy,
+    class_accuracy,
+    pairwise_accuracy,
+    plcc,
+    srcc,
+    tau_videoalign,
+)
 
 
 def naive_tau(a, b, labels):
@@ -99,8 +108,10 @@ def test_pairwise_hand_example():
     labels = [1, 0, 0, -1, -1]
     # gaps 0.8, 0, 0.02, 0.3, 0.1; eps=0: pairs 0, 1, 3 right (3/5); eps=0.02: pair 2 also right (4/5);
     # eps=0.1: pair 4 predicted tie, still wrong (4/5, larger eps); eps=0.3: pair 3 lost (3/5).
+    # VideoAlign's way reaches 4/5 too: after the pairs with gaps 0 and 0.02 become ties.
     out = pairwise_accuracy(a, b, labels)
-    assert out == {"tau": 0.8, "diff": 2 / 3, "epsilon": pytest.approx(0.02), "pairs": 5, "ties": 2}
+    assert out == {"tau": 0.8, "tau_videoalign": 0.8, "diff": 2 / 3, "epsilon": pytest.approx(0.02), "pairs": 5,
+                   "ties": 2}
     assert out["epsilon"] == abs(0.52 - 0.50)
 
 
@@ -155,3 +166,94 @@ def test_module_imports_without_scipy():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "1.0"
+
+
+# ---- tau as VideoAlign computes it ---------------------------------------------------------------------
+
+
+def _videoalign_by_hand(h, m):
+    """VideoAlign calc_accuracy.py's procedure re-derived from its description: counts over all pairs start
+    with no model tie; pairs are visited by ascending |m| (stable), each one moved into the model's ties and
+    tau = (C + Thm) / n recorded after it; the best recorded tau wins."""
+    def kind(hi, mi, tie):
+        if hi == 0:
+            return "Thm" if tie else "Th"
+        if tie:
+            return "Tm"
+        return "C" if hi * mi > 0 else "D"
+
+    counts = {"C": 0, "D": 0, "Th": 0, "Tm": 0, "Thm": 0}
+    for hi, mi in zip(h, m):
+        counts[kind(hi, mi, False)] += 1
+    best = float("-inf")
+    for hi, mi in sorted(zip(h, m), key=lambda pair: abs(pair[1])):
+        counts[kind(hi, mi, False)] -= 1
+        counts[kind(hi, mi, True)] += 1
+        best = max(best, (counts["C"] + counts["Thm"]) / len(h))
+    return best
+
+
+def test_tau_videoalign_never_tries_no_model_tie():
+    # humans prefer A twice; the model does too by gaps 1 and 2: exact tau 1.0 (epsilon 0), VideoAlign 0.5.
+    result = pairwise_accuracy([1, 2], [0, 0], [1, 1])
+    assert (result["tau"], result["tau_videoalign"]) == (1.0, 0.5)
+    assert tau_videoalign([1, 2], [1, 1]) == 0.5 == _videoalign_by_hand([1, 1], [1, 2])
+
+
+def test_tau_videoalign_splits_equal_gaps_one_pair_at_a_time():
+    # Two pairs with the same gap, a human tie first in the stable order: after it alone is a model tie,
+    # tau is (1 + 1) / 3; making both ties at once (the exact method) can only reach 2/3 too, but by
+    # another split: the two methods agree here on the value, not on which pairs are ties.
+    h, m = [0, -1, 1], [0.5, 0.5, 0.9]
+    assert tau_videoalign(m, h) == pytest.approx(_videoalign_by_hand(h, m)) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_tau_videoalign_agrees_with_the_procedure_re_derived(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    h = rng.integers(-1, 2, n).tolist()
+    m = (rng.integers(-3, 4, n) / 2).tolist()  # small integer grid: equal gaps and zero gaps are common
+    assert tau_videoalign(m, h) == pytest.approx(_videoalign_by_hand(h, m))
+    assert pairwise_accuracy(m, [0.0] * n, h)["tau_videoalign"] == tau_videoalign(m, h)
+
+
+# ---- GenAI-Bench's four-way arena accuracy ----------------------------------------------------------------
+
+
+def _genai_bench_right(model_vote, human_vote):
+    """TIGER-AI-Lab/GenAI-Bench inference.py parse_response, for the four verdicts a scoring model gives."""
+    return {"leftvote": ("A>B",), "rightvote": ("B>A",), "tievote": ("A=B=Good",),
+            "bothbad_vote": ("A=B=Bad",)}[human_vote].count(model_vote) == 1
+
+
+def test_arena_accuracy_counts_as_genai_bench_does():
+    a, b = [0.9, 0.2, 0.6, 0.1, 0.8], [0.1, 0.8, 0.6, 0.1, 0.7]
+    votes = ["leftvote", "rightvote", "tievote", "bothbad_vote", "tievote"]
+    fixed = arena_accuracy(a, b, votes, epsilon=0.0, bad_threshold=0.5)
+    model = ["A>B", "B>A", "A=B=Good", "A=B=Bad", "A>B"]  # by hand: gap > 0, < 0, 0 (mean 0.6), 0 (mean 0.1), 0.1
+    assert fixed["accuracy"] == sum(map(_genai_bench_right, model, votes)) / 5 == 0.8
+    assert fixed["per_vote"] == {"leftvote": 1.0, "rightvote": 1.0, "tievote": 0.5, "bothbad_vote": 1.0}
+    assert fixed["majority_baseline"] == 0.4  # "tievote" every time
+    calibrated = arena_accuracy(a, b, votes)  # epsilon 0.1 makes the last pair a tie as well
+    assert calibrated["accuracy"] == 1.0 and calibrated["epsilon"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_arena_calibration_is_the_exact_optimum(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 10))
+    a, b = rng.integers(0, 4, n) / 4, rng.integers(0, 4, n) / 4
+    votes = rng.choice(ARENA_VOTES, n).tolist()
+    best = arena_accuracy(a, b, votes)
+    gaps, means = np.abs(a - b), (a + b) / 2
+    brute = max(arena_accuracy(a, b, votes, epsilon=e, bad_threshold=t)["accuracy"]
+                for e in np.unique(np.append(gaps, 0.0)) for t in [*np.unique(means), np.inf])
+    assert best["accuracy"] == pytest.approx(brute)
+    again = arena_accuracy(a, b, votes, epsilon=best["epsilon"], bad_threshold=best["bad_threshold"])
+    assert again["accuracy"] == pytest.approx(best["accuracy"])
+
+
+def test_arena_accuracy_refuses_other_votes():
+    with pytest.raises(ValueError, match="votes must be one of leftvote, rightvote, tievote, bothbad_vote; got 'upvote'"):
+        arena_accuracy([1.0], [0.0], ["upvote"])

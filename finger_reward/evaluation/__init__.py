@@ -6,7 +6,8 @@
 
 FingER-test gives answered questions (Acc, and SRCC/PLCC through `human_scores`); GenAI-Bench-Video
 gives rated videos (SRCC/PLCC); MonetBench, GenAI-Bench arena votes and VideoGen-RewardBench give
-preference pairs (tau/diff pairwise accuracy).
+preference pairs (tau/diff pairwise accuracy). Videos named by URL are located through a video map
+(`load_video_map`: URL or file name -> local path).
 """
 
 from finger_reward.evaluation.loaders import (
@@ -24,6 +25,7 @@ from finger_reward.evaluation.records import (
     RatedVideo,
     VideoPair,
 )
+from finger_reward.evaluation.tables import load_video_map
 
 __all__ = [
     "AnsweredQuestion",
@@ -38,4 +40,5 @@ __all__ = [
     "load_genai_bench_pairs",
     "load_genai_bench_ratings",
     "load_preference_pairs",
+    "load_video_map",
 ]

@@ -21,8 +21,13 @@ from finger_reward.results import VideoScore
 from finger_reward.scorefile import Key, score_to_file
 
 
-# Published pair dimensions with a FingER counterpart (VideoGen-RewardBench's motion quality, MQ, has none).
+# The human-label columns of the published pair benchmarks, and the FingER score each is compared with.
 PAIR_DIMENSIONS = {"overall": "overall", "VQ": "visual_quality", "TA": "text_alignment"}
+# Human-label columns with no FingER counterpart: left out of the figures, listed under "unmapped".
+UNMAPPED = {
+    "MQ": "VideoGen-RewardBench's motion quality has no FingER counterpart: dynamic_degree asks whether "
+          "things move, temporal_consistency whether they stay the same, neither how well they move",
+}
 
 
 def benchmark_videos(bench: Benchmark) -> list[Key]:
@@ -60,7 +65,8 @@ def agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
         figures["dimensions"] = _rating_agreement(
             [(scores.get((item.video, item.prompt)), item.human) for item in bench.items])
     else:
-        figures["pairs"] = _pair_agreement(bench, scores)
+        figures["pairs"], figures["unmapped"] = _pair_agreement(bench, scores)
+        figures["compared_with"] = {column: PAIR_DIMENSIONS.get(column, column) for column in figures["pairs"]}
     return figures
 
 
@@ -104,9 +110,15 @@ def _rating_agreement(rows: Iterable[tuple[VideoScore | None, dict[str, float]]]
     return table
 
 
-def _pair_agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
-    rows = defaultdict(lambda: ([], [], []))
+def _pair_agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> tuple[dict, dict]:
+    """tau, tau_videoalign and diff per label column (and GenAI-Bench's four-way accuracy where pairs
+    carry its votes); and the columns left out, with how many pairs and why."""
+    rows = defaultdict(lambda: ([], [], [], []))  # scores A, scores B, labels, four-way votes
+    unmapped = defaultdict(int)
     for pair in bench.items:
+        if pair.dimension in UNMAPPED:
+            unmapped[pair.dimension] += 1
+            continue
         a, b = scores.get((pair.video_a, pair.prompt)), scores.get((pair.video_b, pair.prompt))
         if a is None or b is None or not (a.ok and b.ok):
             continue
@@ -114,10 +126,14 @@ def _pair_agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
         value = (lambda r: r.overall) if dim == "overall" else (lambda r: r.dimensions.get(dim))
         if value(a) is None or value(b) is None:
             continue
-        rows[pair.dimension][0].append(value(a))
-        rows[pair.dimension][1].append(value(b))
-        rows[pair.dimension][2].append(pair.label)
-    return {dim: metrics.pairwise_accuracy(a, b, labels) for dim, (a, b, labels) in rows.items() if labels}
+        for column, item in zip(rows[pair.dimension], (value(a), value(b), pair.label, pair.vote)):
+            column.append(item)
+    figures = {}
+    for dim, (a, b, labels, votes) in rows.items():
+        figures[dim] = metrics.pairwise_accuracy(a, b, labels)
+        if None not in votes:
+            figures[dim]["arena"] = metrics.arena_accuracy(a, b, votes)
+    return figures, {column: {"pairs": n, "reason": UNMAPPED[column]} for column, n in unmapped.items()}
 
 
 def human_by_video(bench: Benchmark) -> dict[Key, dict[str, float]]:
@@ -130,16 +146,30 @@ def human_by_video(bench: Benchmark) -> dict[Key, dict[str, float]]:
     return {}
 
 
+def _pair_lines(figures: dict) -> list[str]:
+    lines = [f"  {'label column':<13} {'FingER score':<22} {'tau':>7} {'tau(VA)':>8} {'diff':>7} {'epsilon':>8} {'pairs':>6}"]
+    for column, row in figures["pairs"].items():
+        lines.append(f"  {column:<13} {figures['compared_with'][column]:<22} {row['tau']:7.3f} "
+                     f"{row['tau_videoalign']:8.3f} {row['diff']:7.3f} {row['epsilon']:8.4f} {row['pairs']:6d}")
+        if "arena" in row:
+            arena = row["arena"]
+            per_vote = ", ".join(f"{vote} {acc:.3f}" for vote, acc in arena["per_vote"].items())
+            lines.append(f"  {'':<13} four-way accuracy (GenAI-Bench) {arena['accuracy']:.3f}; always the most common "
+                         f"vote: {arena['majority_baseline']:.3f}; per vote: {per_vote}")
+    lines.append("  tau: tie-calibrated accuracy, exact optimum over epsilon; tau(VA): as VideoAlign's calc_accuracy.py "
+                 "computes it; diff: accuracy on pairs humans did not tie")
+    for column, why in figures.get("unmapped", {}).items():
+        lines.append(f"  not compared: {column} ({why['pairs']} pairs): {why['reason']}")
+    return lines
+
+
 def format_table(figures: dict) -> str:
     """The figures in the shape of the paper's tables."""
     lines = [f"{figures['benchmark']} ({figures['kind']}): {figures['note']}"]
     if figures["failed_videos"]:
         lines.append(f"  {len(figures['failed_videos'])} video(s) failed to score and are left out")
     if "pairs" in figures:
-        lines.append(f"  {'dimension':<22} {'tau':>7} {'diff':>7} {'epsilon':>8} {'pairs':>6}")
-        for dim, row in figures["pairs"].items():
-            lines.append(f"  {dim:<22} {row['tau']:7.3f} {row['diff']:7.3f} {row['epsilon']:8.4f} {row['pairs']:6d}")
-        return "\n".join(lines)
+        return "\n".join(lines + _pair_lines(figures))
     lines.append(f"  {'dimension':<22} {'Acc':>6} {'SRCC':>7} {'PLCC':>7} {'SRCC w/o':>9} {'PLCC w/o':>9} {'n':>5}")
     for dim, row in figures["dimensions"].items():
         cells = [row.get(k, math.nan) for k in ("acc", "srcc", "plcc", "srcc_hard", "plcc_hard")]

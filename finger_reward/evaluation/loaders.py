@@ -7,6 +7,7 @@ scorer, per video. Each bad record raises `BenchmarkError` naming the file, line
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ from finger_reward.evaluation.records import (
     BenchmarkError,
     RatedVideo,
 )
-from finger_reward.evaluation.tables import load_json, read_rows, resolve_video, text
+from finger_reward.evaluation.tables import load_json, read_rows, text, video_paths
 from finger_reward.questions.record import Question
 from finger_reward.scoring import dimension_scores, overall_score
 
@@ -30,28 +31,25 @@ GENAI_VIDEO_FILE = "genai_video.json"
 RATING_RANGE = (1.0, 5.0)
 
 
-def _root(path: Path, video_root: str | Path | None) -> Path:
-    return Path(video_root) if video_root is not None else path.parent
-
-
 # ---- FingER-test ------------------------------------------------------------------------------------
 
 
-def load_finger_test(path: str | Path, video_root: str | Path | None = None) -> Benchmark:
+def load_finger_test(path: str | Path, video_root: str | Path | None = None, *,
+                     video_map: dict[str, str] | None = None) -> Benchmark:
     """FingER-test: FingER-Instruct-style JSONL (question fields + video + answer), FingER Sec. 4.1.
 
     The FingER data is announced but unpublished; the layout is this library's FingER-Instruct
     (see `finger_reward.synthetic`), one line per (video, question); "reason" is optional.
     """
     path = Path(path)
-    root = _root(path, video_root)
+    videos = video_paths(path, video_root, video_map)
     items = []
     for where, row in read_rows(path):
         try:
             question = Question.from_dict(row)
         except FingerError as err:
             raise BenchmarkError(where, None, str(err)) from err
-        video = resolve_video(text(row, "video", where), root)
+        video = videos(text(row, "video", where), where, "video")
         items.append(AnsweredQuestion(question=question, video=video, answer=_answer(row, where)))
     videos = len({item.video for item in items})
     note = (
@@ -91,7 +89,8 @@ def human_scores(items: Iterable[AnsweredQuestion]) -> dict[str, dict[str, float
 # ---- GenAI-Bench-Video, rating form ------------------------------------------------------------
 
 
-def load_genai_bench_ratings(path: str | Path, video_root: str | Path | None = None) -> Benchmark:
+def load_genai_bench_ratings(path: str | Path, video_root: str | Path | None = None, *,
+                             video_map: dict[str, str] | None = None) -> Benchmark:
     """GenAI-Bench-Video ratings: `genai_video.json` of HF zhiqiulin/GenAI-Bench-800 (or -527).
 
     Follows linzhiqiu/t2v_metrics `GenAIBench_Video`: {prompt id: {"prompt", "models": {model:
@@ -102,7 +101,7 @@ def load_genai_bench_ratings(path: str | Path, video_root: str | Path | None = N
         path = path / GENAI_VIDEO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"GenAI-Bench-Video ratings file not found: {path}")
-    root = _root(path, video_root)
+    videos = video_paths(path, video_root, video_map)
     data = load_json(path)
     if not isinstance(data, dict) or not data:
         raise BenchmarkError(str(path), None, "expected a non-empty JSON object keyed by prompt id (genai_video.json)")
@@ -117,7 +116,7 @@ def load_genai_bench_ratings(path: str | Path, video_root: str | Path | None = N
             raise BenchmarkError(where, "models", f"expected a non-empty object of model -> ratings, got {models!r}")
         for model, ratings in models.items():
             mos = _mean_rating(ratings, where, f"models.{model}")
-            video = resolve_video(f"{model}/{key}.mp4", root)
+            video = videos(f"{model}/{key}.mp4", where)
             items.append(RatedVideo(video=video, prompt=prompt, human={"overall": mos}, model=str(model)))
     generators = sorted({item.model for item in items})
     note = (
@@ -154,14 +153,19 @@ def genai_bench_form(path: str | Path) -> str:
     return "pairs"
 
 
-def _load_genai(path: str | Path, video_root: str | Path | None = None) -> Benchmark:
+def _load_genai(path: str | Path, video_root: str | Path | None = None, **kw) -> Benchmark:
     if genai_bench_form(path) == "ratings":
-        return load_genai_bench_ratings(path, video_root)
-    return load_genai_bench_pairs(path, video_root)
+        return load_genai_bench_ratings(path, video_root, **kw)
+    return load_genai_bench_pairs(path, video_root, **kw)
 
 
-def load_benchmark(kind_or_name: str, path: str | Path, video_root: str | Path | None = None) -> Benchmark:
-    """Load a benchmark by kind ("finger", "genai", "pairs") or by a benchmark name."""
+def load_benchmark(kind_or_name: str, path: str | Path, video_root: str | Path | None = None, *,
+                   video_map: dict[str, str] | None = None) -> Benchmark:
+    """Load a benchmark by kind ("finger", "genai", "pairs") or by a benchmark name.
+
+    `video_map` ({URL or file name: local path}, `tables.load_video_map`) locates videos the data
+    names by URL or by a name that is not a path under `video_root`.
+    """
     loaders = {
         "finger": load_finger_test,
         "finger-test": load_finger_test,
@@ -169,9 +173,9 @@ def load_benchmark(kind_or_name: str, path: str | Path, video_root: str | Path |
         "genai-bench-video-ratings": load_genai_bench_ratings,
         "genai-bench-video-pairs": load_genai_bench_pairs,
         "pairs": load_preference_pairs,
-        "videogen-rewardbench": lambda p, r=None: load_preference_pairs(p, r, name="videogen-rewardbench"),
-        "monetbench": lambda p, r=None: load_preference_pairs(p, r, name="monetbench"),
+        "videogen-rewardbench": functools.partial(load_preference_pairs, name="videogen-rewardbench"),
+        "monetbench": functools.partial(load_preference_pairs, name="monetbench"),
     }
     if kind_or_name not in loaders:
         raise ValueError(f"unknown benchmark {kind_or_name!r}; expected one of {', '.join(loaders)}")
-    return loaders[kind_or_name](path, video_root)
+    return loaders[kind_or_name](path, video_root, video_map=video_map)

@@ -6,15 +6,18 @@ import logging
 from pathlib import Path
 
 from finger_reward.evaluation.records import Benchmark, BenchmarkError, VideoPair
-from finger_reward.evaluation.tables import is_missing, read_rows, resolve_video, text
+from finger_reward.evaluation.tables import is_missing, read_rows, text, video_paths
 
 logger = logging.getLogger(__name__)
 
 # TIGER-Lab/GenAI-Bench `vote_type`; the bracketed verdict spellings of its judge template are accepted too.
 GENAI_VOTES = {
-    "leftvote": 1, "rightvote": -1, "tievote": 0, "bothbad_vote": 0,
-    "a>b": 1, "b>a": -1, "a=b=good": 0, "a=b=bad": 0,
+    "leftvote": "leftvote", "rightvote": "rightvote", "tievote": "tievote", "bothbad_vote": "bothbad_vote",
+    "a>b": "leftvote", "b>a": "rightvote", "a=b=good": "tievote", "a=b=bad": "bothbad_vote",
 }
+VOTE_LABELS = {"leftvote": 1, "rightvote": -1, "tievote": 0, "bothbad_vote": 0}  # for tau/diff: both ties are 0
+# MonetBench's prompt column under the names its readers use (VisionRewardDB-Video: not confirmed which).
+PROMPT_COLUMNS = ("prompt", "caption", "text", "prompt_en", "Prompt")
 # Label spellings, case-insensitive: VideoAlign A/B/same; VisionRewardDB-Video video1/video2/tie;
 # FingER's description of MonetBench win/lose/tie (from video A's side: not confirmed); 1/2 and 1/-1/0.
 PAIR_LABELS = {
@@ -41,53 +44,57 @@ NOTES = {
 }
 
 
-def load_genai_bench_pairs(path: str | Path, video_root: str | Path | None = None) -> Benchmark:
+def load_genai_bench_pairs(path: str | Path, video_root: str | Path | None = None, *,
+                           video_map: dict[str, str] | None = None) -> Benchmark:
     """GenAI-Bench arena votes: TIGER-Lab/GenAI-Bench `video_generation` rows, exported locally.
 
     Columns prompt, left_video, right_video, vote_type (leftvote / rightvote / tievote / bothbad_vote),
-    as read by TIGER-AI-Lab/GenAI-Bench inference.py; any row format of `read_rows`.
+    as read by TIGER-AI-Lab/GenAI-Bench inference.py; any row format of `read_rows`. Video fields
+    that are URLs need `video_map` (`tables.load_video_map`).
     """
     path = Path(path)
-    root = Path(video_root) if video_root is not None else path.parent
-    items, ties = [], 0
+    videos = video_paths(path, video_root, video_map)
+    items = []
     for where, row in read_rows(path):
         vote = text(row, "vote_type", where)
         if vote.lower() not in GENAI_VOTES:
             expected = "expected one of leftvote, rightvote, tievote, bothbad_vote"
             raise BenchmarkError(where, "vote_type", f"{expected}; got {vote!r}")
-        label = GENAI_VOTES[vote.lower()]
-        ties += label == 0
+        vote = GENAI_VOTES[vote.lower()]
         items.append(VideoPair(
             prompt=text(row, "prompt", where),
-            video_a=resolve_video(text(row, "left_video", where), root),
-            video_b=resolve_video(text(row, "right_video", where), root),
-            label=label,
+            video_a=videos(text(row, "left_video", where), where, "left_video"),
+            video_b=videos(text(row, "right_video", where), where, "right_video"),
+            label=VOTE_LABELS[vote], vote=vote,
         ))
+    counts = {v: sum(item.vote == v for item in items) for v in VOTE_LABELS}
     note = (
         f"GenAI-Bench arena-vote form (TIGER-Lab/GenAI-Bench video_generation, GenAI-Arena votes): {len(items)} "
-        f"pairs, {ties} ties (A=B=Good and A=B=Bad both read as 0), for tau/diff pairwise accuracy."
+        f"pairs ({', '.join(f'{n} {v}' for v, n in counts.items())}); tau/diff read both kinds of tie as one, "
+        "the four-way accuracy keeps them apart as GenAI-Bench does."
     )
     return Benchmark(name="genai-bench-video-pairs", kind="pairs", items=tuple(items), note=note)
 
 
 def load_preference_pairs(
-    path: str | Path, video_root: str | Path | None = None, *, name: str | None = None
+    path: str | Path, video_root: str | Path | None = None, *, name: str | None = None,
+    video_map: dict[str, str] | None = None,
 ) -> Benchmark:
     """MonetBench / VideoGen-RewardBench style pairs from CSV, JSONL, JSON or Parquet.
 
     VideoGen-RewardBench (KwaiVGI/VideoAlign `eval_videogen_rewardbench.py`): path_A, path_B, prompt and
     per-dimension labels Overall/VQ/MQ/TA in A/B/same. MonetBench (VisionRewardDB-Video test split):
     video1_path, video2_path, prompt, standard_answer in video1/video2/tie. `name` defaults to the
-    layout detected from the columns.
+    layout detected from the columns. The prompt may be under any of `PROMPT_COLUMNS`.
     """
     path = Path(path)
-    root = Path(video_root) if video_root is not None else path.parent
+    videos = video_paths(path, video_root, video_map)
     items, layout, skipped = [], None, 0
     for where, row in read_rows(path):
         layout = layout or _layout(row)
-        prompt = text(row, "prompt", where)
-        video_a = resolve_video(text(row, VIDEO_A, where), root)
-        video_b = resolve_video(text(row, VIDEO_B, where), root)
+        prompt = _prompt(row, where)
+        video_a = videos(text(row, VIDEO_A, where), where, "video A")
+        video_b = videos(text(row, VIDEO_B, where), where, "video B")
         labels = _labels(row, where)
         skipped += sum(label is None for label in labels.values())
         items += [VideoPair(prompt, video_a, video_b, label, dimension)
@@ -96,6 +103,13 @@ def load_preference_pairs(
         logger.info("%s: skipped %d empty or 'invalid' labels", path, skipped)
     layout = layout or "preference-pairs"
     return Benchmark(name=name or layout, kind="pairs", items=tuple(items), note=NOTES[layout])
+
+
+def _prompt(row: dict, where: str) -> str:
+    if not any(column in row for column in PROMPT_COLUMNS):
+        raise BenchmarkError(where, "prompt", f"no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, "
+                                              f"found {', '.join(map(str, row)) or 'none'}")
+    return text(row, PROMPT_COLUMNS, where)
 
 
 def _layout(row: dict) -> str:

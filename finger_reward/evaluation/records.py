@@ -57,6 +57,7 @@ class VideoPair:
     video_b: str
     label: int
     dimension: str = "overall"
+    vote: str | None = None  # GenAI-Bench's own four-way vote (leftvote/rightvote/tievote/bothbad_vote), when it has one
 
     def __post_init__(self):
         if self.label not in PAIR_LABELS or isinstance(self.label, bool):

@@ -10,7 +10,9 @@ import csv
 import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 from finger_reward.evaluation.records import BenchmarkError
 from finger_reward.jsonl import JsonlError, read_jsonl
@@ -95,8 +97,53 @@ def text(row: dict, names: str | Sequence[str], where: str) -> str:
     raise BenchmarkError(where, shown, "missing or empty")
 
 
-def resolve_video(value: str, root: Path) -> str:
-    """A video reference resolved against `root`; absolute paths and URLs are kept as they are."""
-    if "://" in value:
-        return value
-    return str(root / value)
+@dataclass(frozen=True)
+class VideoPaths:
+    """Where a benchmark's video references are on this machine: through `mapping` (a URL or file
+    name -> a local path, `load_video_map`), else relative to `root` (absolute paths stay).
+
+    Videos are scored from local files only, so a URL with no mapping is an error that says how
+    to supply the files, rather than one "file not found" per video later.
+    """
+
+    root: Path
+    mapping: dict[str, str] | None = None
+
+    def __call__(self, value: str, where: str, field: str | None = None) -> str:
+        if self.mapping:
+            local = self.mapping.get(value) or self.mapping.get(_file_name(value))
+            if local:
+                return local
+        if "://" in value:
+            how = ("the --video-map file has no entry for it or for its file name " + repr(_file_name(value))
+                   if self.mapping else
+                   "download the videos and pass --video-map FILE (a JSON object, or CSV/JSONL rows with "
+                   "'url' and 'path', mapping each URL or file name to a local path), or write local paths in the data")
+            raise BenchmarkError(where, field, f"{value!r} is a URL; videos are scored from local files: {how}")
+        return str(self.root / value)
+
+
+def video_paths(data: Path, video_root: str | Path | None, video_map: dict[str, str] | None = None) -> VideoPaths:
+    """The `VideoPaths` of a data file: relative to `video_root`, default the data file's folder."""
+    return VideoPaths(Path(video_root) if video_root is not None else Path(data).parent, video_map)
+
+
+def _file_name(value: str) -> str:
+    return PurePosixPath(urlparse(value).path if "://" in value else value).name
+
+
+def load_video_map(path: str | Path) -> dict[str, str]:
+    """{URL or file name: local path} from a JSON object, or from rows (CSV, JSONL, JSON list, Parquet)
+    with a `url` (or `name`) and a `path` column; relative paths resolve against the map's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video map not found: {path}")
+    data = load_json(path) if path.suffix == ".json" else None
+    pairs = data.items() if isinstance(data, dict) else (
+        (text(row, ("url", "name"), where), text(row, "path", where)) for where, row in read_rows(path))
+    mapping = {}
+    for key, local in pairs:
+        if not isinstance(local, str) or not local.strip():
+            raise BenchmarkError(str(path), key, f"expected a local path, got {local!r}")
+        mapping[key] = str(path.parent / local.strip())
+    return mapping
