@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", required=True, help="finger | genai | pairs (or a loader name)")
     evaluate.add_argument("--data", required=True, help="the benchmark's annotation file")
     evaluate.add_argument("--video-root", help="directory the annotation's video paths are relative to (default: its folder)")
+    evaluate.add_argument("--video-map", help="videos named by URL or file name -> local paths: a JSON object, or "
+                                              "CSV/JSONL rows with url and path (GenAI-Bench arena rows may carry URLs)")
     evaluate.add_argument("--questions", help="question bank for rating/pair benchmarks (default: template questions)")
     evaluate.add_argument("--out", help="write the figures as JSON here")
     evaluate.add_argument("--scores", help="per-video results JSONL; an existing file is resumed (default: next to --out)")
@@ -432,10 +434,12 @@ def _serve(args) -> int:
 def _eval(args) -> int:
     from finger_reward.evaluation import evaluate as ev
     from finger_reward.evaluation.loaders import load_benchmark
+    from finger_reward.evaluation.tables import load_video_map
 
     if not args.model:
         raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
-    bench = load_benchmark(args.benchmark, args.data, args.video_root)
+    video_map = load_video_map(args.video_map) if args.video_map else None
+    bench = load_benchmark(args.benchmark, args.data, args.video_root, video_map=video_map)
     scores_path = Path(args.scores or (Path(args.out).with_suffix(".scores.jsonl") if args.out
                                        else Path(tempfile.mkdtemp(prefix="finger-eval-")) / "scores.jsonl"))
     reward = _load_reward(args, args.model, ev.benchmark_bank(bench) or args.questions)
@@ -451,7 +455,8 @@ def _eval(args) -> int:
         from finger_reward.scorefile import load_scores
 
         scored = load_scores(scores_path)
-        write_report([(result, human.get(key)) for key, result in scored.items()], args.report)
+        write_report([(result, human.get(key)) for key, result in scored.items()], args.report,
+                     summary=ev.format_table(figures))
     return 0
 
 

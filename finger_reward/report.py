@@ -72,13 +72,19 @@ def write_report(
     *,
     frames_per_strip: int = 6,
     title: str = "FingER scores",
+    summary: str | None = None,
 ) -> Path:
-    """Write the HTML report of `results` to `out_path` and return that path."""
+    """Write the HTML report of `results` to `out_path` and return that path.
+
+    `summary` (e.g. `evaluate.format_table` of a benchmark's figures) is shown as is, at the top.
+    """
     if frames_per_strip < 1:
         raise ValueError(f"frames_per_strip must be >= 1, got {frames_per_strip}")
     failed = sum(not score.ok for score, _ in results)
     head = (f"<h1>{html.escape(title)}</h1><p class='muted'>{len(results)} video(s), "
             f"{failed} failed.</p>")
+    if summary:
+        head += f"<h2>Agreement with humans</h2><pre>{html.escape(summary)}</pre>"
     body = head + _plots(results) + "\n".join(_card(s, h, frames_per_strip) for s, h in results)
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")

@@ -137,3 +137,27 @@ def test_genai_bench_arena_reports_the_four_way_accuracy_beside_tau():
     assert overall["arena"]["majority_baseline"] == 0.25
     assert figures["unmapped"] == {}
     assert "four-way accuracy (GenAI-Bench) 1.000" in ev.format_table(figures)
+
+
+def test_eval_genai_arena_with_url_videos_through_a_video_map(pairs_file, tiny_model_dir, tmp_path):
+    """GenAI-Bench arena rows naming videos by URL: refused with the fix, then scored through --video-map;
+    the JSON and the HTML report carry tau, tau_videoalign and the four-way accuracy."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()][:4]
+    votes = ["leftvote", "rightvote", "tievote", "bothbad_vote"]
+    arena = tmp_path / "arena.jsonl"
+    arena.write_text("".join(json.dumps({"prompt": r["prompt"], "left_video": f"https://example.org/v/{i}_l.mp4",
+                                         "right_video": f"https://example.org/v/{i}_r.mp4", "vote_type": vote}) + "\n"
+                             for i, (r, vote) in enumerate(zip(rows, votes))))
+    video_map = tmp_path / "map.json"
+    video_map.write_text(json.dumps({**{f"{i}_l.mp4": r["video1_path"] for i, r in enumerate(rows)},
+                                     **{f"{i}_r.mp4": r["video2_path"] for i, r in enumerate(rows)}}))
+    refused = run("eval", "--benchmark", "genai", "--data", arena, "--model", tiny_model_dir)
+    assert refused.returncode != 0 and "is a URL" in refused.stderr and "--video-map" in refused.stderr
+    out, report = tmp_path / "arena.json", tmp_path / "arena.html"
+    done = run("eval", "--benchmark", "genai", "--data", arena, "--video-map", video_map, "--model", tiny_model_dir,
+               "--out", out, "--report", report)
+    assert done.returncode == 0, done.stderr
+    overall = json.loads(out.read_text())["pairs"]["overall"]
+    assert overall["pairs"] == 4 and {"tau", "tau_videoalign", "diff", "arena"} <= set(overall)
+    assert set(overall["arena"]["per_vote"]) == set(votes) and overall["arena"]["majority_baseline"] == 0.25
+    assert "four-way accuracy (GenAI-Bench)" in done.stdout and "tau(VA)" in report.read_text()
