@@ -35,7 +35,8 @@ class VideoScore:
 
     `overall` and `dimensions` use the answer probabilities (Eq. 1-4); `hard_overall` and
     `hard_dimensions` use the hard Yes/No answers instead (the paper's "w/o prob").
-    A video that could not be scored has `error` set and NaN scores.
+    A video that could not be scored has `error` set and NaN scores. `sampled` says what the
+    model was given: {"frames", "fps", "height", "width"} of the sampled clip.
     """
 
     video: str
@@ -46,6 +47,7 @@ class VideoScore:
     hard_overall: float = math.nan
     hard_dimensions: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    sampled: dict | None = None
 
     @property
     def ok(self) -> bool:

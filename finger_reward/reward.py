@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +21,7 @@ from finger_reward.prefetch import PipelineStats, pipeline
 from finger_reward.questions import Question, QuestionBank, TemplateGenerator, as_bank
 from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
-from finger_reward.video import Clip, SlowFast, describe, load_video
+from finger_reward.video import Clip, SlowFast, VideoFrames, describe, load_video
 
 if TYPE_CHECKING:
     from finger_reward.serve.batcher import Batcher
@@ -42,6 +45,9 @@ class FingerReward:
 
     Frames are sampled at `fps` (at most `max_frames`) under `max_pixels`; `slowfast=SlowFast()`
     (`finger_reward.video`) gives Q-Save's SlowFast frames instead, logging the tokens saved.
+    Files carry their frame rate; in-memory frames are sampled against `video_fps` (per call, per
+    video, or this default; e.g. 16 for Wan output), else taken as already at `fps`, which is an
+    error for a video longer than `max_frames`.
 
     `score` hands the model `chunk_size` videos at a time and decodes the next chunk in
     `prefetch` worker threads meanwhile (default: one beside a CPU model, which needs the cores
@@ -70,6 +76,7 @@ class FingerReward:
         max_pixels: int = 448 * 448,
         value_range: tuple[float, float] = (0.0, 1.0),
         slowfast: SlowFast | None = None,
+        video_fps: float | None = None,
         on_error: str = "raise",
         progress: bool = False,
         prefetch: int | None = None,
@@ -96,6 +103,7 @@ class FingerReward:
             raise ValueError(f"slowfast must be a SlowFast(...) or None, got {type(slowfast).__name__}")
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, value_range=value_range,
                                   slowfast=slowfast)
+        self.video_fps = check_rate(video_fps, "video_fps")
         self.on_error, self.progress = on_error, progress
         self.prefetch, self.chunk_size, self.decode_timeout = prefetch, chunk_size, decode_timeout
         self.stats = PipelineStats()
@@ -197,12 +205,20 @@ class FingerReward:
                               concurrency=concurrency, progress=bool(options.get("progress", False)))
         return cls(engine, questions=questions, question_generator=question_generator, **{**defaults, **options})
 
-    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
+    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, *, video_fps=None,
+                 **host_kwargs) -> list[float]:
         """One overall score per video (NaN for a failed video when on_error="nan").
 
         Extra keyword arguments that training loops pass to every reward_fn are accepted and unused.
         """
-        return [s.overall for s in self.score(videos, prompts)]
+        return [s.overall for s in self.score(videos, prompts, video_fps=video_fps)]
+
+    def sampling(self) -> dict:
+        """How this reward samples frames (what a service reports, so clients can sample alike)."""
+        slowfast = self.video_options["slowfast"]
+        return {"fps": self.video_options["fps"], "max_frames": self.video_options["max_frames"],
+                "max_pixels": self.video_options["max_pixels"], "patch_factor": self.engine.patch_factor,
+                "slowfast": None if slowfast is None else asdict(slowfast)}
 
     def start_batcher(self, **options) -> "Batcher":
         """Start the in-process dynamic batcher behind `submit` (options: see `serve.Batcher`)."""
@@ -216,6 +232,8 @@ class FingerReward:
 
     def submit(self, video: Any, prompt: str, **options) -> "Future[VideoScore]":
         """Score one video in the background; the future gives its `VideoScore` or raises its error.
+
+        `video_fps=` gives an in-memory video's frame rate, as in `score`.
 
         Concurrent submits are batched together (a batcher with default options starts on first
         use), so a trainer can overlap generation and scoring.
@@ -232,13 +250,16 @@ class FingerReward:
                 self._batcher.close()
                 self._batcher = None
 
-    def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
+    def score(self, videos: Sequence[Any], prompts: Sequence[str] | str, *, video_fps=None) -> list[VideoScore]:
         """Full results per video: overall, per dimension, per question (with reasons in reason mode).
 
-        Videos go to the model `chunk_size` at a time while the next chunk is decoded (see the class).
+        `video_fps` is the frame rate of in-memory videos (one number, or one per video, None where
+        unknown); default: the reward's `video_fps`. Files use their own. Videos go to the model
+        `chunk_size` at a time while the next chunk is decoded (see the class).
         """
         videos, prompts = pair_videos_prompts(videos, prompts)
-        outcomes = [o for chunk in self._outcomes(videos, prompts) for o in chunk]
+        rates = video_rates(video_fps, len(videos))
+        outcomes = [o for chunk in self._outcomes(videos, prompts, rates) for o in chunk]
         results = _as_scores(videos, prompts, outcomes)
         failures = {i: o for i, o in enumerate(outcomes) if isinstance(o, Exception)}
         if failures and self.on_error == "raise":
@@ -246,7 +267,7 @@ class FingerReward:
         return results
 
     def score_iter(self, videos: Sequence[Any], prompts: Sequence[str] | str, *,
-                   chunk_size: int | None = None) -> Iterator[list[VideoScore]]:
+                   chunk_size: int | None = None, video_fps=None) -> Iterator[list[VideoScore]]:
         """`score` chunk by chunk (`chunk_size` videos, default the reward's): each chunk's results,
         in order, as soon as the model has them, the next chunk decoding meanwhile.
 
@@ -255,18 +276,20 @@ class FingerReward:
         """
         videos, prompts = pair_videos_prompts(videos, prompts)
         done = 0
-        for outcomes in self._outcomes(videos, prompts, chunk_size or self.chunk_size):
+        for outcomes in self._outcomes(videos, prompts, video_rates(video_fps, len(videos)),
+                                       chunk_size or self.chunk_size):
             yield _as_scores(videos[done:], prompts[done:], outcomes, start=done)
             done += len(outcomes)
 
-    def _outcomes(self, videos: list, prompts: list[str], chunk_size: int | None = None) -> Iterator[list[VideoScore | Exception]]:
+    def _outcomes(self, videos: list, prompts: list[str], rates: list, chunk_size: int | None = None) -> Iterator[list[VideoScore | Exception]]:
         """Each chunk's scores or errors, through the prefetch pipeline, with the progress bar and `stats`."""
         prompt_errors = self._fill_questions(prompts)
         names = [describe(v, i) for i, v in enumerate(videos)]
-        items = list(zip(videos, prompts, names))
+        items = list(zip(videos, prompts, names, rates))
 
         def prepare(item) -> Job | Exception:
-            return self._prepare_one(*item, prompt_errors, with_inputs=True)
+            video, prompt, name, rate = item
+            return self._prepare_one(video, prompt, name, prompt_errors, rate, with_inputs=True)
 
         self.stats = PipelineStats()
         with tqdm(total=len(videos), desc="scoring", unit="video", disable=not self.progress, mininterval=0) as bar:
@@ -276,29 +299,35 @@ class FingerReward:
                 yield outcomes
                 bar.update(len(outcomes))
 
-    def prepare(self, videos: Sequence[Any], prompts: Sequence[str], names: Sequence[str] | None = None) -> list[Job | Exception]:
+    def prepare(self, videos: Sequence[Any], prompts: Sequence[str], names: Sequence[str] | None = None,
+                video_fps=None) -> list[Job | Exception]:
         """The CPU half of scoring: each video's questions and decoded frames, or its error in its place.
 
         New prompts are sent to the question generator together, once each. Services call this
         in worker threads and `run` on the model's thread, so decoding overlaps the GPU.
+        `video_fps` as in `score`.
         """
         prompt_errors = self._fill_questions(prompts)
         names = names or [describe(v, i) for i, v in enumerate(videos)]
-        return [self._prepare_one(video, prompt, name, prompt_errors)
-                for video, prompt, name in zip(videos, prompts, names)]
+        rates = video_rates(video_fps, len(videos))
+        return [self._prepare_one(video, prompt, name, prompt_errors, rate)
+                for video, prompt, name, rate in zip(videos, prompts, names, rates)]
 
     def _fill_questions(self, prompts: Sequence[str]) -> dict[str, Exception]:
         """Ask the question generator about every new prompt, once each; the prompts it failed on."""
         return fill_bank(self.bank, prompts, self.question_generator) if self.question_generator else {}
 
-    def _prepare_one(self, video, prompt: str, name: str, prompt_errors: dict, *,
+    def _prepare_one(self, video, prompt: str, name: str, prompt_errors: dict, rate: float | None = None, *,
                      with_inputs: bool = False) -> Job | Exception:
         """One video's job, or its error; `with_inputs` also runs the engine's `preprocess` (the processor)."""
         try:
             if prompt in prompt_errors:
                 raise QuestionError(f"no questions for prompt {prompt!r}: {prompt_errors[prompt]}")
             questions = self.bank.questions_for(prompt)
-            clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, **self.video_options)
+            if rate is None and not isinstance(video, VideoFrames):
+                rate = self.video_fps  # the reward's default yields to frames that carry their own rate
+            clip = load_video(video, name=name, patch_factor=self.engine.patch_factor, source_fps=rate,
+                              **self.video_options)
             if clip.pathways:
                 _log_slowfast(clip, self.engine.patch_factor)
             preprocess = getattr(self.engine, "preprocess", None) if with_inputs else None
@@ -357,9 +386,10 @@ class FingerReward:
                 questions = [q.question for q in job.questions]
                 extra = () if job.inputs is None else (job.inputs,)
                 answers = self.engine.answer(job.clip, questions, *extra)
-            return score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
-                               aggregate=self.aggregate, weights=self.weights,
-                               missing_variants=getattr(answers, "missing_variant", None))
+            result = score_video(job.name, job.prompt, job.questions, answers.probs, answers.reasons,
+                                 aggregate=self.aggregate, weights=self.weights,
+                                 missing_variants=getattr(answers, "missing_variant", None))
+            return dataclasses.replace(result, sampled=sampled_summary(job.clip))
         except Exception as err:
             return _logged(err, job.name)
 
@@ -400,6 +430,31 @@ def _logged(err: Exception, name: str) -> Exception:
     if not isinstance(err, FingerError):
         logger.exception("video %s failed", name, exc_info=err)
     return err
+
+
+def sampled_summary(clip: Clip) -> dict:
+    """What the model was given of a video: frame count, the rate it was told, and the frame size."""
+    t, _, h, w = clip.frames.shape
+    return {"frames": int(t), "fps": float(clip.fps), "height": int(h), "width": int(w)}
+
+
+def check_rate(value, what: str) -> float | None:
+    """A frame rate argument: None, or a positive finite number (as float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{what}={value!r} must be a positive frame rate (frames per second) or None")
+    return float(value)
+
+
+def video_rates(video_fps, n: int) -> list[float | None]:
+    """`video_fps` as one rate (or None) per video: a number for all, or a sequence of n."""
+    if video_fps is None or isinstance(video_fps, numbers.Real):
+        return [check_rate(video_fps, "video_fps")] * n
+    if isinstance(video_fps, (str, bytes)) or not isinstance(video_fps, Sequence) or len(video_fps) != n:
+        raise ValueError(f"video_fps must be one frame rate or a list of {n} (one per video, None where unknown), "
+                         f"got {video_fps!r}"[:300])
+    return [check_rate(v, f"video_fps[{i}]") for i, v in enumerate(video_fps)]
 
 
 def pair_videos_prompts(videos, prompts) -> tuple[list, list[str]]:

@@ -1,16 +1,23 @@
 """Video input: decode, sample at a target fps, resize under a pixel budget; optionally SlowFast.
 
 Accepted inputs (DESIGN.md, Contracts): a file path, raw bytes of an encoded file, a uint8 or
-float array (T, H, W, C), a uint8 or float tensor (T, C, H, W), or a list of PIL images.
+float array (T, H, W, C), a uint8 or float tensor (T, C, H, W), or a list of PIL images; any of the
+in-memory kinds may come as `VideoFrames(frames, fps)`, which carries its frame rate with it.
 Float input is in the declared `value_range`, (0, 1) by default or (-1, 1); it is never guessed.
 Batched generator output is split by `finger_reward.integrations.diffusers`, not here.
+
+Frame rate: a file says its own. In-memory frames are sampled against `source_fps` (the
+caller's `video_fps`); without one they are taken as already at `fps`, which is logged once, and
+refused when they have more than `max_frames` frames (81 Wan frames are not 40 s of video at 2 fps).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,8 @@ import numpy as np
 import torch
 
 from finger_reward.errors import VideoError
+
+logger = logging.getLogger(__name__)
 
 PATCH_FACTOR = 28  # Qwen2.5-VL: patch size 14 x spatial merge 2 (Qwen3-VL: 16 x 2 = 32)
 TEMPORAL_PATCH = 2  # Qwen2.5-VL and Qwen3-VL merge 2 consecutive frames; an odd count gets its last frame repeated
@@ -55,6 +64,22 @@ class SlowFast:
             raise ValueError(
                 f"SlowFast fast_max_pixels={self.fast_max_pixels!r} must be a positive pixel count or None"
             )
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """In-memory frames (any accepted in-memory kind) with the frame rate they play at, so the rate
+    travels with the video: `VideoFrames(wan_output[0], fps=16)`."""
+
+    frames: Any
+    fps: float
+
+    def __post_init__(self):
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not 0 < self.fps < math.inf:
+            raise ValueError(f"VideoFrames fps={self.fps!r} must be a positive frame rate (frames per second)")
+        if isinstance(self.frames, (str, os.PathLike, bytes, bytearray, memoryview, VideoFrames)):
+            raise ValueError(f"VideoFrames holds in-memory frames, not a {type(self.frames).__name__}: "
+                             "a file says its own frame rate")
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,8 @@ def video_tokens(frames: torch.Tensor, patch_factor: int = PATCH_FACTOR) -> int:
 
 def describe(video: Any, index: int) -> str:
     """A short name for error messages: the path, or the kind of input and its index."""
+    if isinstance(video, Clip):
+        return video.name
     if isinstance(video, (str, os.PathLike)):
         return str(video)
     if isinstance(video, (bytes, bytearray, memoryview)):
@@ -135,13 +162,21 @@ def load_video(
 ) -> Clip:
     """Turn any accepted video input into a `Clip`, raising `VideoError` naming `name` on bad input.
 
-    Encoded videos are resampled from their own frame rate to `fps`. In-memory frames are taken
-    as already sampled at `fps` unless `source_fps` says otherwise. At most `max_frames` frames
-    are kept (evenly spread), and frames are resized, keeping aspect ratio, so that
-    H x W <= `max_pixels` with both sides multiples of `patch_factor` (the model's patch size
-    times its spatial merge).
+    Encoded videos are resampled from their own frame rate to `fps`; in-memory frames from
+    `source_fps` (or a `VideoFrames`' own rate; the two must agree when both are given). Without
+    either, in-memory frames are taken as already sampled at `fps` (logged once), or refused when
+    there are more than `max_frames` of them. At most `max_frames` frames are kept (evenly
+    spread), and frames are resized, keeping aspect ratio, so that H x W <= `max_pixels` with both
+    sides multiples of `patch_factor` (the model's patch size times its spatial merge). A `Clip`
+    (already sampled, e.g. by a client with these settings) is returned as it is.
     """
     name = name or describe(video, 0)
+    if isinstance(video, Clip):
+        return video
+    if isinstance(video, VideoFrames):
+        if source_fps is not None and not math.isclose(source_fps, video.fps, rel_tol=1e-9):
+            raise VideoError(name, f"video_fps={source_fps} disagrees with the frames' own fps={video.fps}")
+        video, source_fps = video.frames, video.fps
     if not 0 < fps < math.inf or max_frames < 1 or max_pixels < patch_factor**2:
         raise ValueError(
             f"need fps > 0, max_frames >= 1 and max_pixels >= {patch_factor**2}; "
@@ -159,11 +194,34 @@ def load_video(
         frames = torch.from_numpy(reader.frames(indices)).permute(0, 3, 1, 2)
     else:
         frames = frames_from_memory(video, name, value_range)
+        if source_fps is None:
+            _check_unknown_rate(frames.shape[0], name, fps, max_frames)
         indices, sampled_fps = sample_indices(frames.shape[0], source_fps or fps, fps, max_frames)
         frames = frames[indices]
     full = _resize(frames, max_pixels, patch_factor, name)
     pathways = () if slowfast is None else slowfast_pathways(frames, full, slowfast, patch_factor, name)
     return Clip(frames=full, fps=sampled_fps, name=name, pathways=pathways)
+
+
+_assumed_logged = threading.Event()
+_assumed_lock = threading.Lock()  # decode threads meet here: the assumption is logged exactly once
+
+
+def _check_unknown_rate(num_frames: int, name: str, fps: float, max_frames: int) -> None:
+    """In-memory frames without a rate: refused past `max_frames`, else taken as at `fps` (logged once)."""
+    if num_frames > max_frames:
+        raise VideoError(
+            name,
+            f"has {num_frames} in-memory frames, more than max_frames={max_frames}, and no frame rate: pass "
+            f"video_fps= (the rate it was generated at, e.g. 16 for Wan, 24 for LTX-Video) so it is sampled "
+            f"at {fps:g} fps in real time",
+        )
+    with _assumed_lock:
+        first = not _assumed_logged.is_set()
+        _assumed_logged.set()
+    if first:
+        logger.warning("%s: in-memory frames with no video_fps are taken as already sampled at %g fps "
+                       "(pass video_fps= to sample them in real time); logged once", name, fps)
 
 
 def sample_indices(num_frames: int, source_fps: float, fps: float, max_frames: int) -> tuple[list[int], float]:
@@ -408,3 +466,39 @@ def _open_pyav(source: Any) -> _Reader:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
     return _Reader(len(frames), fps, lambda idx: np.stack([frames[i] for i in idx]))
+
+
+# ---- lossless transport (the service's client sends sampled frames this way) ---------------------
+
+
+def encode_lossless(frames: torch.Tensor) -> bytes:
+    """uint8 frames (T, C, H, W) as mp4 bytes of lossless RGB H.264 (libx264rgb, qp 0): decoded back exactly.
+
+    The stored rate is nominal (frames carry their rate beside the bytes); only the pixels matter.
+    """
+    import av
+
+    array = frames.permute(0, 2, 3, 1).contiguous().numpy()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264rgb", rate=1)
+        stream.height, stream.width, stream.pix_fmt = array.shape[1], array.shape[2], "rgb24"
+        stream.options = {"qp": "0", "preset": "ultrafast"}
+        for frame in array:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_lossless(data: bytes, name: str) -> torch.Tensor:
+    """uint8 frames (T, C, H, W) from `encode_lossless` bytes (PyAV, every frame, RGB as stored)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    except (av.error.FFmpegError, IndexError, ValueError) as err:
+        raise VideoError(name, f"sampled frames cannot be decoded: {err}") from None
+    if not frames:
+        raise VideoError(name, "sampled frames hold zero frames")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()

@@ -168,3 +168,59 @@ def test_pickles_without_its_batcher(reward, mp4_paths):
     assert clone.submit(mp4_paths[0], PROMPT).result(timeout=60).overall == pytest.approx(expected, abs=1e-6)
     clone.close()
     reward.close()
+
+
+# ---- frame rate of in-memory videos ---------------------------------------------------------------
+
+
+def test_81_frames_at_16_fps_score_exactly_like_the_lossless_file(reward, tmp_path):
+    from finger_reward.engine.openai_backend import encode_frames
+    from finger_reward.video import VideoFrames
+    from tests.conftest import random_frames
+
+    frames = random_frames(3, num_frames=81, height=64, width=96)  # Wan's 81 frames = 5 s at 16 fps
+    path = tmp_path / "wan16.mp4"
+    path.write_bytes(encode_frames(torch.from_numpy(frames).permute(0, 3, 1, 2), 16.0))  # libx264rgb, crf 0
+    from_file = reward.score([path], PROMPT)[0]
+    assert from_file.sampled == {"frames": 10, "fps": 10 / (81 / 16), "height": 56, "width": 84}
+    as_array = reward.score([frames], PROMPT, video_fps=16)[0]
+    wrapped = reward.score([VideoFrames(frames, fps=16)], PROMPT)[0]
+    by_default = FingerReward(reward.engine, questions=reward.bank, video_fps=16, **reward.video_options)
+    for got in (as_array, wrapped, by_default.score([frames], PROMPT)[0]):
+        assert got.sampled == from_file.sampled  # the same sampled frames, told the same rate
+        assert [q.p_yes for q in got.questions] == [q.p_yes for q in from_file.questions]  # exactly
+        assert got.overall == from_file.overall
+
+
+def test_long_in_memory_video_without_a_rate_is_an_error_naming_video_fps(reward, caplog):
+    from finger_reward import video as video_module
+    from tests.conftest import random_frames
+
+    long, short = random_frames(4, num_frames=81, height=56, width=84), random_frames(5, num_frames=8, height=56, width=84)
+    with pytest.raises(BatchError) as caught:
+        reward.score([long, short], PROMPT)
+    assert sorted(caught.value.failures) == [0]  # the short one still scores
+    message = str(caught.value.failures[0])
+    assert "#0" in message and "81" in message and "max_frames=48" in message and "video_fps=" in message
+    video_module._assumed_logged.clear()
+    with caplog.at_level("WARNING", logger="finger_reward.video"):
+        reward.score([short, short], PROMPT)
+    assert sum("no video_fps" in r.getMessage() for r in caplog.records) == 1  # the assumption, logged once
+    # one rate per video; None where unknown
+    first, second = reward.score([long, short], PROMPT, video_fps=[16, None])
+    assert first.sampled["frames"] == 10 and second.sampled == {"frames": 8, "fps": 2.0, "height": 56, "width": 84}
+    with pytest.raises(ValueError, match="video_fps must be one frame rate or a list of 2"):
+        reward.score([long, short], PROMPT, video_fps=[16])
+    with pytest.raises(ValueError, match=r"video_fps\[1\]=0"):
+        reward.score([long, short], PROMPT, video_fps=[16, 0])
+
+
+def test_submit_and_call_take_video_fps(reward):
+    from tests.conftest import random_frames
+
+    frames = random_frames(6, num_frames=33, height=56, width=84)
+    want = reward.score([frames], PROMPT, video_fps=16)[0]
+    assert want.sampled["frames"] == 4  # 33 frames at 16 fps: 2.06 s -> 4 frames at 2 fps
+    assert reward([frames], PROMPT, video_fps=16) == [want.overall]
+    assert reward.submit(frames, PROMPT, video_fps=16).result(timeout=60).overall == want.overall
+    reward.close()

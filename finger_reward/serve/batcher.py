@@ -63,14 +63,22 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="finger-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, video: Any, prompt: str, *, name: str | None = None, block: bool = True,
-               timeout: float | None = None) -> Future:
-        """Queue one video; the future resolves to its `VideoScore` or raises its own error."""
-        return self.submit_many([video], [prompt], names=[name or "#0"], block=block, timeout=timeout)[0]
+    def submit(self, video: Any, prompt: str, *, name: str | None = None, video_fps: float | None = None,
+               block: bool = True, timeout: float | None = None) -> Future:
+        """Queue one video; the future resolves to its `VideoScore` or raises its own error.
 
-    def submit_many(self, videos: list, prompts: list[str], *, names: list[str] | None = None, block: bool = True,
-                    timeout: float | None = None) -> list[Future]:
-        """Queue several videos at once: all get room in the queue, or none does (`QueueFull`)."""
+        `video_fps`: an in-memory video's frame rate (see `FingerReward.score`)."""
+        return self.submit_many([video], [prompt], names=[name or "#0"], video_fps=video_fps, block=block,
+                                timeout=timeout)[0]
+
+    def submit_many(self, videos: list, prompts: list[str], *, names: list[str] | None = None, video_fps=None,
+                    block: bool = True, timeout: float | None = None) -> list[Future]:
+        """Queue several videos at once: all get room in the queue, or none does (`QueueFull`).
+
+        `video_fps`: one frame rate, or one per video (None where unknown), for in-memory videos."""
+        from finger_reward.reward import video_rates
+
+        rates = video_rates(video_fps, len(videos))
         if self._closed.is_set():
             raise RuntimeError("the batcher is closed")
         if len(videos) > self.max_queue:
@@ -85,7 +93,7 @@ class Batcher:
         for i, (video, prompt) in enumerate(zip(videos, prompts)):
             future: Future = Future()
             future.add_done_callback(self._release)
-            self._prepare.submit(self._prepare_one, video, prompt, names[i] if names else f"#{i}", future)
+            self._prepare.submit(self._prepare_one, video, prompt, names[i] if names else f"#{i}", rates[i], future)
             futures.append(future)
         return futures
 
@@ -104,9 +112,9 @@ class Batcher:
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _prepare_one(self, video, prompt, name, future: Future) -> None:
+    def _prepare_one(self, video, prompt, name, rate, future: Future) -> None:
         try:
-            job = self.reward.prepare([video], [prompt], [name])[0]
+            job = self.reward.prepare([video], [prompt], [name], video_fps=[rate])[0]
         except Exception as err:  # e.g. a question generator that raised
             job = err
         if isinstance(job, Exception):
