@@ -15,6 +15,7 @@ def assert_same(got, want, tol: float = 1e-6):
     assert got.overall == pytest.approx(want.overall, abs=tol)
     assert [q.p_yes for q in got.questions] == pytest.approx([q.p_yes for q in want.questions], abs=tol)
     assert got.dimensions == pytest.approx(want.dimensions, abs=tol)
+    assert got.sampled == want.sampled  # the same frames, at the same rate and size
 
 
 def corrupt_video_fails_alone(client, url, token, mp4_paths, direct, bad_prompt, good_prompt, junk, n_good, tol=1e-6):

@@ -118,7 +118,7 @@ def test_token_required(server, mp4_paths):
         assert response.status_code == 401 and "token" in response.json()["error"]["message"]
     with pytest.raises(ServiceError, match="HTTP 401"):
         FingerRewardClient(server.url, token="wrong").score([mp4_paths[0]], PROMPTS[0])
-    assert httpx.get(f"{server.url}/v1/health").json() == {"status": "ok"}  # health needs no token
+    assert httpx.get(f"{server.url}/v1/health").json()["status"] == "ok"  # health needs no token
 
 
 def test_paths_only_inside_the_allowed_directory(server, allowed_dir, direct, mp4_paths):
@@ -138,8 +138,11 @@ def test_paths_only_inside_the_allowed_directory(server, allowed_dir, direct, mp
     assert sent_by_path.ok
 
 
-def test_health_and_metrics(server):
-    assert httpx.get(f"{server.url}/v1/health").json() == {"status": "ok"}
+def test_health_and_metrics(server, reward):
+    health = httpx.get(f"{server.url}/v1/health").json()
+    assert health == {"status": "ok", "sampling": reward.sampling(), "max_payload_bytes": 256 * 2**20}
+    assert health["sampling"] == {"fps": 2.0, "max_frames": 48, "max_pixels": 200704, "patch_factor": 28,
+                                  "slowfast": None}  # the tiny evaluator's finger_reward.json
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("finger_requests_total", "finger_batch_size_bucket", "finger_request_latency_seconds_count",
                  "finger_queue_depth", 'finger_videos_total{outcome="scored"}'):
@@ -157,8 +160,11 @@ def test_payload_limit_413(small_server, mp4_paths):
     big = {"videos": [base64.b64encode(os.urandom(80_000)).decode()], "prompts": PROMPTS[0]}
     response = httpx.post(f"{small_server.url}/v1/score", json=big)
     assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
-    with pytest.raises(ServiceError, match="HTTP 413"):
-        FingerRewardClient(small_server.url).score([os.urandom(80_000)], PROMPTS[0])
+    # the client never sends what the service would refuse: that video fails alone, before sending
+    careful = FingerRewardClient(small_server.url, on_error="nan")
+    too_big, fine = careful.score([os.urandom(80_000), mp4_paths[1]], PROMPTS[0])
+    assert "over the service's limit of 52428 bytes" in too_big.error and "#0 (bytes)" in too_big.error
+    assert fine.ok and careful.stats.requests == 1
     assert FingerRewardClient(small_server.url).score([mp4_paths[1]], PROMPTS[0])[0].ok
 
 
@@ -183,8 +189,14 @@ def test_client_unreachable_and_pickling(mp4_paths):
         dead.score([mp4_paths[0]], PROMPTS[0])
     clone = pickle.loads(pickle.dumps(dead))
     assert clone.url == dead.url and clone.__name__ == "finger_reward"
-    with pytest.raises(VideoError, match="3 dims"):
-        FingerRewardClient(f"http://127.0.0.1:{port}", on_error="raise")._encode(torch.zeros(3, 4, 5), "#0")
+    with pytest.raises(ServiceError, match="cannot reach the service"):  # sampling needs the server's settings
+        dead.score([torch.zeros(5, 3, 56, 56)], PROMPTS[0])
+
+
+def test_client_bad_frames_fail_alone(server, reward, mp4_paths):
+    results = client(server, on_error="nan").score([torch.zeros(3, 4, 5), mp4_paths[0]], PROMPTS[0])
+    assert "3 dims" in results[0].error and "#0" in results[0].error
+    assert_same(results[1], reward.score([mp4_paths[0]], PROMPTS[0])[0])
 
 
 # ---- the in-process batcher and FingerReward.submit ---------------------------------------------------

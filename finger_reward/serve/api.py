@@ -1,16 +1,26 @@
 """The HTTP API of the reward service, independent of the server that runs it.
 
-    POST /v1/score   {"prompts": [...] or "one prompt", "videos": [...]}  ->  {"results": [VideoScore, ...]}
-    GET  /v1/health  ->  {"status": "ok"}
+    POST /v1/score   {"prompts": [...] or "one prompt", "videos": [...], "video_fps": optional}
+                     ->  {"results": [VideoScore, ...]}   (each with "sampled": frames, fps, size the model saw)
+    GET  /v1/health  ->  {"status": "ok", "sampling": {fps, max_frames, max_pixels, patch_factor, slowfast},
+                          "max_payload_bytes": ...}
     GET  /metrics    ->  Prometheus text
 
-A video in a request is base64 of an encoded file (a string, or {"data": ...}), base64 of a
-uint8 .npy array (T, H, W, C) as {"npy": ..., "fps": optional source rate}, or, only when the
-server allows a directory, {"path": ...} inside it. Errors are JSON with a status code: 400 for
-a bad field or video (naming which; the other videos' results are still in "results"), 401
-without the token, 403 for a path outside the allowed directory, 413 over the payload limit,
-429 when the queue is full. The local server (local.py) and the Ray Serve deployment
-(ray_app.py) both hand their requests to `ScoreAPI`.
+A video in a request is one of:
+
+- base64 of an encoded file (a string, or {"data": ...}); it carries its own frame rate;
+- {"clip": {...}}: frames the client already sampled and resized with the server's "sampling"
+  (`clip_payload`), losslessly compressed; used as they are, so the model sees exactly the frames
+  in-process scoring would (409 if the client sampled with other settings: re-read /v1/health);
+- base64 of a uint8 .npy array (T, H, W, C) as {"npy": ..., "video_fps": its frame rate};
+- only when the server allows a directory, {"path": ...} inside it.
+
+"video_fps" (top level: one rate, or one per video, null where unknown; or per entry) is the
+frame rate of in-memory frames ("npy"), as `FingerReward.score(video_fps=)`. Errors are JSON with
+a status code: 400 for a bad field or video (naming which; the other videos' results are still in
+"results"), 401 without the token, 403 for a path outside the allowed directory, 409 for a clip
+sampled with other settings, 413 over the payload limit, 429 when the queue is full. The local
+server (local.py) and the Ray Serve deployment (ray_app.py) both hand their requests to `ScoreAPI`.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from finger_reward.results import json_safe
 from finger_reward.serve.batcher import QueueFull
 from finger_reward.serve.telemetry import Telemetry
 
-ScoreMany = Callable[[list, list[str], list[str]], Awaitable[list]]
+ScoreMany = Callable[[list, list[str], list[str], list], Awaitable[list]]  # videos, prompts, names, video_fps
+SAMPLING_KEYS = ("fps", "max_frames", "max_pixels", "patch_factor", "slowfast")
 
 
 @dataclass
@@ -64,8 +75,9 @@ class ScoreAPI:
     """Routes requests, checks the token and payload size, decodes videos, and scores them."""
 
     def __init__(self, score_many: ScoreMany, *, token: str | None = None, allow_path: str | None = None,
-                 max_payload_mb: float = 64.0, telemetry: Telemetry | None = None):
+                 max_payload_mb: float = 256.0, telemetry: Telemetry | None = None, sampling: dict | None = None):
         self.score_many = score_many
+        self.sampling = None if sampling is None else {k: sampling[k] for k in SAMPLING_KEYS}
         self.token = token
         self.allow_path = os.path.realpath(allow_path) if allow_path else None
         self.max_payload = int(max_payload_mb * 2**20)
@@ -79,13 +91,13 @@ class ScoreAPI:
             reply = error_reply(err.status, str(err))
         except Exception as err:  # the service keeps serving whatever one request does
             reply = error_reply(500, f"internal error: {type(err).__name__}: {err}")
-        if path != "/metrics":
+        if path not in ("/metrics", "/v1/health"):  # probes would swamp the scoring figures
             self.telemetry.request(reply.status, time.perf_counter() - start)
         return reply
 
     async def _route(self, method, path, headers, read_body) -> Reply:
         if path == "/v1/health" and method == "GET":
-            return _json(200, {"status": "ok"})
+            return _json(200, {"status": "ok", "sampling": self.sampling, "max_payload_bytes": self.max_payload})
         if path == "/metrics" and method == "GET":
             return Reply(200, self.telemetry.render().encode(), "text/plain; version=0.0.4")
         if path != "/v1/score":
@@ -99,9 +111,9 @@ class ScoreAPI:
         body = await read_body()
         if len(body) > self.max_payload:
             raise RequestError(413, f"payload of {len(body)} bytes is over the limit of {self.max_payload}")
-        videos, prompts, names = await asyncio.to_thread(self._parse, body)
+        videos, prompts, names, rates = await asyncio.to_thread(self._parse, body)
         try:
-            outcomes = await self.score_many(videos, prompts, names)
+            outcomes = await self.score_many(videos, prompts, names, rates)
         except QueueFull as err:
             return error_reply(429, str(err), headers={"Retry-After": "1"})
         return _results_reply(outcomes, names, prompts)
@@ -113,7 +125,7 @@ class ScoreAPI:
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
             raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
-    def _parse(self, body: bytes) -> tuple[list, list[str], list[str]]:
+    def _parse(self, body: bytes) -> tuple[list, list[str], list[str], list]:
         try:
             request = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -126,18 +138,23 @@ class ScoreAPI:
         prompts = [prompts] * len(videos) if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or len(prompts) != len(videos) or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, f'"prompts" must be one string or a list of {len(videos)} strings (one per video)')
-        decoded = [self._video(v, i) for i, v in enumerate(videos)]
-        names = [v if isinstance(v, str) else f"#{i}" for i, v in enumerate(decoded)]
-        return decoded, prompts, names
+        rates = _request_rates(request.get("video_fps"), videos)
+        names = [_entry_name(v, i) for i, v in enumerate(videos)]
+        decoded = [self._video(v, i, names[i]) for i, v in enumerate(videos)]
+        names = [v if isinstance(v, str) else names[i] for i, v in enumerate(decoded)]
+        return decoded, prompts, names, rates
 
-    def _video(self, item, index: int):
-        """bytes of an encoded file, a uint8 array, or an allowed path string."""
+    def _video(self, item, index: int, name: str):
+        """bytes of an encoded file, a sampled `Clip`, a uint8 array, or an allowed path string."""
         if isinstance(item, str):
             item = {"data": item}
-        if not isinstance(item, dict) or len({"data", "npy", "path"} & set(item)) != 1:
-            raise RequestError(400, f'video #{index}: expected a base64 string or an object with one of "data", "npy", "path"')
+        if not isinstance(item, dict) or len({"data", "npy", "path", "clip"} & set(item)) != 1:
+            raise RequestError(400, f'video #{index}: expected a base64 string or an object with one of '
+                                    '"data", "clip", "npy", "path"')
         if "path" in item:
             return self._allowed_path(item["path"], index)
+        if "clip" in item:
+            return self._clip(item["clip"], index, name)
         raw = _b64(item.get("data") or item.get("npy"), index)
         if "data" in item:
             return raw
@@ -156,6 +173,46 @@ class ScoreAPI:
         if os.path.commonpath([real, self.allow_path]) != self.allow_path:
             raise RequestError(403, f"video #{index}: path {path!r} is outside the allowed directory")
         return real
+
+
+    def _clip(self, payload, index: int, name: str):
+        from finger_reward.serve.wire import WireError, clip_from_payload
+
+        if not isinstance(payload, dict):
+            raise RequestError(400, f'video #{index}: "clip" must be an object (see finger_reward.serve.wire)')
+        if self.sampling is None:
+            raise RequestError(400, f"video #{index}: this server takes no pre-sampled clips; send the file or frames")
+        sent = payload.get("sampling")
+        if sent != self.sampling:
+            raise RequestError(409, f"video #{index}: sampled with {sent}, but this server samples with "
+                                    f"{self.sampling}; re-read GET /v1/health and sample again")
+        try:
+            return clip_from_payload(payload, name)
+        except WireError as err:
+            raise RequestError(400, f"video #{index}: {err}") from None
+
+
+def _entry_name(item, index: int) -> str:
+    name = item.get("name") if isinstance(item, dict) else None
+    return f"#{index} ({name})" if isinstance(name, str) and name else f"#{index}"
+
+
+def _request_rates(value, videos: list) -> list:
+    """Each video's in-memory frame rate: its entry's "video_fps" (or "fps"), else the request's."""
+    from finger_reward.reward import video_rates
+
+    try:
+        rates = video_rates(value, len(videos))
+    except ValueError as err:
+        raise RequestError(400, f'"video_fps": {err}') from None
+    for i, item in enumerate(videos):
+        own = item.get("video_fps", item.get("fps")) if isinstance(item, dict) else None
+        if own is not None:
+            try:
+                rates[i] = video_rates(own, 1)[0]
+            except ValueError as err:
+                raise RequestError(400, f"video #{i}: {err}") from None
+    return rates
 
 
 def _b64(text, index: int) -> bytes:

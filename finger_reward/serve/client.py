@@ -4,31 +4,51 @@
     reward_fn(videos, prompts)        # list[float]
     reward_fn.score(videos, prompts)  # list[VideoScore]
 
-Large batches are split into requests of `videos_per_request` sent `concurrency` at a time, so
-the service can batch them with other callers' videos. 429/503 answers and dropped connections
-are retried with exponential back-off.
+In-memory videos (arrays, tensors, PIL lists, `VideoFrames`) are sampled and resized here, with
+the settings the service reports at `GET /v1/health`, and sent losslessly compressed
+(`serve.wire`): a 81x480x832 Wan clip goes as its ~10 sampled frames, not 97 MB of pixels, and
+scores exactly as `FingerReward.score` would score the array in process. Files are sent as they
+are (they carry their own frame rate). Large batches are split into requests of at most
+`videos_per_request` videos and the service's payload limit, sent `concurrency` at a time, so the
+service can batch them with other callers' videos. 429/503 answers and dropped connections are
+retried with exponential back-off. `stats` holds the last `score`'s bytes, requests and timings.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import json
 import os
 import random
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from finger_reward.errors import BatchError, FingerError, VideoError
 from finger_reward.results import VideoScore
-from finger_reward.reward import ON_ERROR, pair_videos_prompts
-from finger_reward.video import VALUE_RANGES, frames_from_memory, describe
+from finger_reward.reward import ON_ERROR, check_rate, pair_videos_prompts, video_rates
+from finger_reward.video import VALUE_RANGES, SlowFast, VideoFrames, describe, load_video
 
 _RETRY_STATUS = {429, 502, 503, 504}
+_ENVELOPE = 4096  # bytes of a request that are not video entries (prompts, keys), well over the real share
+
+
+@dataclass
+class ClientStats:
+    """What the last `score` sent and how long its parts took (seconds, wall clock)."""
+
+    videos: int = 0
+    requests: int = 0
+    bytes_sent: int = 0        # request bodies on the wire
+    prepare_s: float = 0.0     # sampling, resizing and compressing in-memory videos here
+    request_s: float = 0.0     # from the first request sent to the last answer
+
+
+class PayloadTooLarge(FingerError):
+    """One video's entry is bigger than the service accepts in a whole request."""
 
 
 class ServiceError(FingerError):
@@ -50,6 +70,7 @@ class FingerRewardClient:
         concurrency: int = 4,
         value_range: tuple[float, float] = (0.0, 1.0),
         send_paths: bool = False,
+        video_fps: float | None = None,
         on_error: str = "raise",
     ):
         if on_error not in ON_ERROR:
@@ -60,14 +81,17 @@ class FingerRewardClient:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.videos_per_request, self.concurrency = videos_per_request, concurrency
         self.value_range, self.send_paths, self.on_error = tuple(value_range), send_paths, on_error
-        self._http, self._http_lock = None, threading.Lock()
+        self.video_fps = check_rate(video_fps, "video_fps")
+        self.stats = ClientStats()
+        self._server: dict | None = None  # /v1/health: sampling settings and payload limit
+        self._http, self._http_lock, self._health_lock = None, threading.Lock(), threading.Lock()
 
     def __getstate__(self):  # picklable for TRL/verl workers: the HTTP connection pool is not sent
-        return {k: v for k, v in self.__dict__.items() if k not in ("_http", "_http_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_http", "_http_lock", "_server", "_health_lock")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._http, self._http_lock = None, threading.Lock()
+        self._server, self._http, self._http_lock, self._health_lock = None, None, threading.Lock(), threading.Lock()
 
     def close(self) -> None:
         """Close the HTTP connection pool; the client opens a new one if it is used again."""
@@ -82,62 +106,133 @@ class FingerRewardClient:
     def __exit__(self, *exc):
         self.close()
 
-    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, **host_kwargs) -> list[float]:
+    def __call__(self, videos: Sequence[Any], prompts: Sequence[str] | str, *, video_fps=None,
+                 **host_kwargs) -> list[float]:
         """One overall score per video, as `FingerReward.__call__`."""
-        return [s.overall for s in self.score(videos, prompts)]
+        return [s.overall for s in self.score(videos, prompts, video_fps=video_fps)]
 
-    def score(self, videos: Sequence[Any], prompts: Sequence[str] | str) -> list[VideoScore]:
-        """Full results per video, as `FingerReward.score` (same failure handling)."""
+    def score(self, videos: Sequence[Any], prompts: Sequence[str] | str, *, video_fps=None) -> list[VideoScore]:
+        """Full results per video, as `FingerReward.score` (same failure handling and `video_fps`)."""
         videos, prompts = pair_videos_prompts(videos, prompts)
+        rates = video_rates(video_fps, len(videos))
         names = [describe(v, i) for i, v in enumerate(videos)]
-        payloads: list[Any] = []
-        for video, name in zip(videos, names):
+        self.stats = stats = ClientStats(videos=len(videos))
+        for attempt in range(2):  # once more after a 409: the server's settings changed under us
+            start = time.perf_counter()
+            payloads = [self._entry(video, name, rate) for video, name, rate in zip(videos, names, rates)]
+            stats.prepare_s += time.perf_counter() - start
             try:
-                payloads.append(self._encode(video, name))
-            except (VideoError, OSError) as err:
-                payloads.append(VideoError(name, str(err)) if isinstance(err, OSError) else err)
-        chunks = [range(i, min(i + self.videos_per_request, len(videos))) for i in range(0, len(videos), self.videos_per_request)]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            answers = list(pool.map(lambda c: self._score_chunk(c, payloads, prompts, names), chunks))
-        results = [r for chunk in answers for r in chunk]
+                results = self._send(payloads, prompts, names, stats)
+                break
+            except _Resample:
+                self._server = None
+                if attempt:
+                    raise ServiceError(f"{self.url}: the service's sampling settings changed twice in one call") from None
         failures = {i: FingerError(r.error) for i, r in enumerate(results) if not r.ok}
         if failures and self.on_error == "raise":
             raise BatchError(failures, results)
         return results
 
     def health(self) -> dict:
+        """The service's `GET /v1/health`: status, sampling settings, payload limit."""
         return self._request("GET", "/v1/health").json()
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _encode(self, video: Any, name: str) -> Any:
-        """A request entry: base64 of the file, an allowed path, or base64 of a uint8 .npy array."""
-        if isinstance(video, (str, os.PathLike)):
-            if self.send_paths:
-                return {"path": os.path.abspath(video)}
-            with open(video, "rb") as file:
-                return {"data": base64.b64encode(file.read()).decode()}
-        if isinstance(video, (bytes, bytearray, memoryview)):
-            return {"data": base64.b64encode(bytes(video)).decode()}
-        frames = frames_from_memory(video, name, self.value_range)  # the same checks as the local path
-        buffer = io.BytesIO()
-        np.save(buffer, frames.permute(0, 2, 3, 1).contiguous().numpy(), allow_pickle=False)
-        return {"npy": base64.b64encode(buffer.getvalue()).decode()}
+    def _health(self) -> dict:
+        """The service's health answer, asked once (and again after a 409)."""
+        with self._health_lock:  # one probe however many threads score at once
+            if self._server is None:
+                self._server = self.health()
+            return self._server
 
-    def _score_chunk(self, indices: range, payloads: list, prompts: list[str], names: list[str]) -> list[VideoScore]:
-        """Score the chunk's encodable videos in one request; local encoding errors stay in place."""
-        sendable = [i for i in indices if not isinstance(payloads[i], Exception)]
-        results = {i: VideoScore.failed(names[i], prompts[i], payloads[i]) for i in indices if i not in sendable}
-        if sendable:
-            body = {"videos": [payloads[i] for i in sendable], "prompts": [prompts[i] for i in sendable]}
-            response = self._request("POST", "/v1/score", json=body, allow={400, 500})
-            try:
-                returned = response.json()["results"]
-            except (ValueError, KeyError):
-                raise ServiceError(f"{self.url}: HTTP {response.status_code}: {response.text[:300]}") from None
-            for i, result in zip(sendable, returned):
-                results[i] = VideoScore.from_dict({**result, "video": names[i]})
-        return [results[i] for i in indices]
+    def _sampling(self) -> dict:
+        sampling = self._health().get("sampling")
+        if not isinstance(sampling, dict):
+            raise ServiceError(f"{self.url}/v1/health reports no sampling settings, so in-memory frames cannot be "
+                               "sampled here; the service is older than this client (update finger-reward there)")
+        return sampling
+
+    def _entry(self, video: Any, name: str, rate: float | None) -> Any:
+        """A request entry (a dict) for one video, or its error in its place."""
+        try:
+            if isinstance(video, (str, os.PathLike)):
+                if self.send_paths:
+                    return {"path": os.path.abspath(video)}
+                with open(video, "rb") as file:
+                    return {"data": base64.b64encode(file.read()).decode()}
+            if isinstance(video, (bytes, bytearray, memoryview)):
+                return {"data": base64.b64encode(bytes(video)).decode()}
+            return {"clip": self._sampled_clip(video, name, rate)}
+        except ServiceError:  # the service, not this video: every caller must hear it
+            raise
+        except OSError as err:
+            return VideoError(name, str(err))
+        except FingerError as err:
+            return err
+
+    def _sampled_clip(self, video: Any, name: str, rate: float | None) -> dict:
+        """In-memory frames sampled and resized with the service's settings, as a `serve.wire` clip object."""
+        from finger_reward.serve.wire import clip_payload
+
+        sampling = self._sampling()
+        if rate is None and not isinstance(video, VideoFrames):
+            rate = self.video_fps
+        slowfast = sampling.get("slowfast")
+        clip = load_video(video, fps=sampling["fps"], max_frames=sampling["max_frames"],
+                          max_pixels=sampling["max_pixels"], patch_factor=sampling["patch_factor"],
+                          slowfast=None if slowfast is None else SlowFast(**slowfast),
+                          value_range=self.value_range, source_fps=rate, name=name)
+        return clip_payload(clip, sampling)
+
+    def _send(self, payloads: list, prompts: list[str], names: list[str], stats: ClientStats) -> list[VideoScore]:
+        """Every sendable entry in requests under the service's limits; local errors stay in place."""
+        results: list[VideoScore | None] = [None] * len(payloads)
+        sendable = []
+        for i, payload in enumerate(payloads):
+            if isinstance(payload, Exception):
+                results[i] = VideoScore.failed(names[i], prompts[i], payload)
+            else:
+                sendable.append(i)
+        sizes = {i: len(json.dumps(payloads[i])) + len(json.dumps(prompts[i])) + 4 for i in sendable}
+        limit = int(self._health().get("max_payload_bytes") or 64 * 2**20) - _ENVELOPE if sendable else 0
+        chunks: list[list[int]] = []
+        for i in sendable:
+            if sizes[i] > limit:
+                results[i] = VideoScore.failed(names[i], prompts[i], PayloadTooLarge(
+                    f"video {names[i]}: its request entry is {sizes[i]} bytes, over the service's limit of "
+                    f"{limit + _ENVELOPE} bytes per request (raise max_payload_mb on the server)"))
+                continue
+            last = chunks[-1] if chunks else None
+            if (last is None or len(last) >= self.videos_per_request
+                    or sum(sizes[j] for j in last) + sizes[i] > limit):
+                chunks.append([i])
+            else:
+                last.append(i)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            answers = list(pool.map(lambda c: self._score_chunk(c, payloads, prompts, names), chunks))
+        stats.request_s += time.perf_counter() - start
+        stats.requests += len(chunks)
+        stats.bytes_sent += sum(size for size, _ in answers)
+        for chunk, (_, scored) in zip(chunks, answers):
+            for i, result in zip(chunk, scored):
+                results[i] = result
+        return results
+
+    def _score_chunk(self, indices: list[int], payloads: list, prompts: list[str],
+                     names: list[str]) -> tuple[int, list[VideoScore]]:
+        """Score some entries in one request: (bytes sent, their results in order)."""
+        body = json.dumps({"videos": [payloads[i] for i in indices],
+                           "prompts": [prompts[i] for i in indices]}).encode()
+        response = self._request("POST", "/v1/score", content=body, allow={400, 409, 500})
+        if response.status_code == 409:
+            raise _Resample()
+        try:
+            returned = response.json()["results"]
+        except (ValueError, KeyError):
+            raise ServiceError(f"{self.url}: HTTP {response.status_code}: {response.text[:300]}") from None
+        return len(body), [VideoScore.from_dict({**result, "video": names[i]}) for i, result in zip(indices, returned)]
 
     def _client(self):
         """One connection pool shared by every calling thread (httpx clients are thread-safe)."""
@@ -150,7 +245,7 @@ class FingerRewardClient:
                 self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers, limits=limits)
             return self._http
 
-    def _request(self, method: str, path: str, json=None, allow: set[int] = frozenset()):
+    def _request(self, method: str, path: str, content: bytes | None = None, allow: set[int] = frozenset()):
         import httpx
 
         problem = "no attempt made"
@@ -158,7 +253,8 @@ class FingerRewardClient:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
             try:
-                response = self._client().request(method, path, json=json)
+                headers = {"Content-Type": "application/json"} if content is not None else None
+                response = self._client().request(method, path, content=content, headers=headers)
             except httpx.TransportError as err:
                 problem = f"cannot reach the service: {type(err).__name__}: {err}"
                 continue
@@ -169,6 +265,10 @@ class FingerRewardClient:
                 return response
             raise ServiceError(f"{self.url}{path}: HTTP {response.status_code}: {_message(response)}")
         raise ServiceError(f"{self.url}{path}: gave up after {self.max_retries + 1} attempts; last: {problem}")
+
+
+class _Resample(Exception):
+    """The service answered 409: it samples with other settings than the client used."""
 
 
 def _message(response) -> str:

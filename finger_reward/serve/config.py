@@ -19,7 +19,8 @@ class ServeConfig:
     port: int = 8000
     token: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer <token>'"})
     allow_path: str | None = field(default=None, metadata={"help": "accept video paths inside this directory"})
-    max_payload_mb: float = 64.0
+    max_payload_mb: float = field(default=256.0, metadata={
+        "help": "request size limit; 16 Wan clips sampled by the client at the default settings fit"})
     max_batch_size: int = 16
     max_batch_tokens: int | None = None
     max_wait_ms: float = 10.0
@@ -39,6 +40,8 @@ class ServeConfig:
         metadata={"help": "Q-Save SlowFast frames with this patch similarity threshold in (0, 1] (true: 0.9); "
                           "false: plain frames; None: as the checkpoint was trained, else plain"},
     )
+    video_fps: float | None = field(default=None, metadata={
+        "help": "frame rate of in-memory frames sent without one (a request's video_fps wins)"})
     aggregate: str = "mean"
     weights: dict[str, float] | None = None
     device: str | None = None
@@ -64,7 +67,8 @@ class ServeConfig:
 
     def reward_options(self) -> dict:
         """Keyword arguments for `FingerReward.from_pretrained`."""
-        keys = ("mode", "max_new_tokens", "fps", "max_frames", "max_pixels", "aggregate", "weights", "device", "dtype")
+        keys = ("mode", "max_new_tokens", "fps", "max_frames", "max_pixels", "video_fps", "aggregate", "weights",
+                "device", "dtype")
         options = {k: getattr(self, k) for k in keys}
         trained = ("mode", "fps", "max_frames", "max_pixels")  # left unset: as the checkpoint was trained
         options = {"questions": self.questions, **{k: v for k, v in options.items() if v is not None or k not in trained}}

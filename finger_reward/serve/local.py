@@ -14,8 +14,8 @@ from finger_reward.serve.config import ServeConfig
 def batcher_score_many(batcher: Batcher):
     """`ScoreAPI`'s scoring callable over a batcher: the whole request gets room in the queue or a 429."""
 
-    async def score_many(videos: list, prompts: list[str], names: list[str]) -> list:
-        futures = batcher.submit_many(videos, prompts, names=names, block=False)
+    async def score_many(videos: list, prompts: list[str], names: list[str], video_fps: list) -> list:
+        futures = batcher.submit_many(videos, prompts, names=names, video_fps=video_fps, block=False)
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
 
     return score_many
@@ -45,7 +45,7 @@ class LocalServer:
         self.batcher = reward.start_batcher(**self.config.batcher_options())
         self.api = ScoreAPI(batcher_score_many(self.batcher), token=self.config.token,
                             allow_path=self.config.allow_path, max_payload_mb=self.config.max_payload_mb,
-                            telemetry=self.batcher.telemetry)
+                            telemetry=self.batcher.telemetry, sampling=reward.sampling())
         uv_config = uvicorn.Config(build_app(self.api), host=self.config.host, port=self.config.port,
                                    log_level="warning", lifespan="off")
         self.server = uvicorn.Server(uv_config)

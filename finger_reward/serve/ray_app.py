@@ -41,7 +41,8 @@ def _replica_class():
             self.reward = config.build_reward()
             self.telemetry = Telemetry()
             self.api = ScoreAPI(self._score_many, token=config.token, allow_path=config.allow_path,
-                                max_payload_mb=config.max_payload_mb, telemetry=self.telemetry)
+                                max_payload_mb=config.max_payload_mb, telemetry=self.telemetry,
+                                sampling=self.reward.sampling())
             self._run_batch.set_max_batch_size(config.max_batch_size)
             self._run_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
             self._in_flight = 0
@@ -54,11 +55,11 @@ def _replica_class():
             reply = await self.api(request.method, request.url.path, request.headers, request.body)
             return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers)
 
-        async def _score_many(self, videos: list, prompts: list[str], names: list[str]) -> list:
+        async def _score_many(self, videos: list, prompts: list[str], names: list[str], video_fps: list) -> list:
             """Decode in a thread, then batch each prepared video; errors stay in their video's place."""
             self._track(len(videos))
             try:
-                jobs = await asyncio.to_thread(self.reward.prepare, videos, prompts, names)
+                jobs = await asyncio.to_thread(self.reward.prepare, videos, prompts, names, video_fps)
                 return await asyncio.gather(*(self._outcome(job) for job in jobs), return_exceptions=True)
             finally:
                 self._track(-len(videos))
