@@ -1,5 +1,6 @@
 """Flow-GRPO: the SDE step, advantages and loss by hand; the loop on the real tiny Wan pipeline and tiny FingER model."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from finger_reward import FingerReward
 from finger_reward.integrations.diffusers import pipeline_videos
@@ -15,14 +17,16 @@ from finger_reward.serve import ServeConfig
 from finger_reward.serve.local import LocalServer
 from finger_reward.tiny_wan import make_tiny_wan_pipeline
 from finger_reward.trainers.flow_grpo import (
-    FlowGRPORecipe, gaussian_kl, group_advantages, grpo_loss, load_pipeline, main, reference_model, rollout_log_probs,
-    sde_step, train,
+    FlowGRPORecipe, encode_texts, gaussian_kl, group_advantages, grpo_loss, load_pipeline, main, reference_model,
+    resolve_guidance, rollout_log_probs, sample_ode, sde_step, step_log_prob, train,
 )
 from finger_reward.trainers.flow_matching import predict_velocity
-from finger_reward.trainers.video_models import video_model
+from finger_reward.trainers.held_out import contact_sheet
+from finger_reward.trainers.video_models import default_guidance_scale, split_negative, video_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flow_grpo_wan.yaml"
 PROMPTS = ["a red circle moves left", "a dog runs across the road", "a blue ball flies up"]
+EVAL_PROMPTS = ["a green square slides right", "a yellow star spins"]
 TINY = dict(group_size=2, prompts_per_step=2, num_inference_steps=3, height=32, width=32, num_frames=5,
             max_sequence_length=16, lora_rank=4, lora_alpha=8, learning_rate=1e-2, clip_range=0.2, beta=0.1,
             std_floor=0.01, num_updates=2, train_batch_size=1, mixed_precision="no", seed=0)
@@ -203,7 +207,9 @@ def test_recipe_flags_win_over_the_yaml_as_in_trl(tmp_path):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow_grpo")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    return {"root": root, "pipeline": make_tiny_wan_pipeline(root / "pipeline"), "prompts": root / "prompts.txt"}
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n", encoding="utf-8")
+    return {"root": root, "pipeline": make_tiny_wan_pipeline(root / "pipeline"), "prompts": root / "prompts.txt",
+            "eval_prompts": root / "eval.txt"}
 
 
 def snapshot(pipe) -> dict[str, torch.Tensor]:
@@ -213,18 +219,22 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def run(files, tiny_model_dir):
-    """Two steps at 32x32, 5 frames, 3 SDE steps, G=2, FingER in-process (loaded from the recipe's reward_model)."""
+    """Two steps at 32x32, 5 frames, 3 SDE steps, G=2, FingER in-process (loaded from the recipe's reward_model),
+    Wan's default guidance (5.0), held-out evaluation of two prompts before training and after the last step."""
     pipe = load_pipeline(str(files["pipeline"]), torch.float32)
     recipe = FlowGRPORecipe(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
-                            output_dir=str(files["root"] / "out"), max_steps=2, save_steps=1, **TINY)
+                            output_dir=str(files["root"] / "out"), max_steps=2, save_steps=1,
+                            eval_prompts=str(files["eval_prompts"]), eval_every=2, eval_seed=7, **TINY)
     video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
     seen = {}
 
     def on_rollouts(step, rollouts):  # before the update: the transformer is the policy that sampled
         seen[step] = {"rollouts": rollouts, "recomputed": [rollout_log_probs(video, pipe.transformer, r) for r in rollouts],
-                      "reference": [_with_adapter_off(video, pipe.transformer, r) for r in rollouts]}
+                      "reference": [_with_adapter_off(video, pipe.transformer, r) for r in rollouts],
+                      "unguided": [_unguided(video, pipe.transformer, r) for r in rollouts]}
         if step == 1:
             seen["weights"] = snapshot(pipe)
+            seen["step0"] = [_first_update_terms(video, pipe.transformer, r, recipe) for r in rollouts]
 
     history = train(recipe, pipe=pipe, on_rollouts=on_rollouts)
     return {"pipe": pipe, "recipe": recipe, "history": history, "seen": seen}
@@ -235,13 +245,51 @@ def _with_adapter_off(video, transformer, rollout):
         return rollout_log_probs(video, transformer, rollout)
 
 
+def _unguided(video, transformer, rollout):
+    """The rollout's log-probs as an update that forgot the guidance would compute them."""
+    rollout = copy.copy(rollout)
+    rollout.guidance_scale = 1.0
+    return rollout_log_probs(video, transformer, rollout)
+
+
+@torch.no_grad()
+def _first_update_terms(video, transformer, rollout, recipe):
+    """Per denoising step, what the first update computes: log-ratio to the sampling policy, KL to the reference,
+    and the loss, on the guided velocity."""
+    terms = []
+    for j in range(len(rollout.sigmas) - 1):
+        args = (rollout.trajectory, rollout.text, rollout.sigmas, j, rollout.noise_level, rollout.guidance_scale)
+        log_prob, mean, std = step_log_prob(video, transformer, *args)
+        with reference_model(transformer):
+            _, ref_mean, _ = step_log_prob(video, transformer, *args)
+        kl = gaussian_kl(mean, ref_mean, std)
+        loss, metrics = grpo_loss(log_prob, rollout.log_probs[:, j], rollout.advantages, recipe.clip_range, kl, recipe.beta)
+        terms.append({"log_ratio": (log_prob - rollout.log_probs[:, j]).abs().max().item(), "kl": kl.abs().max().item(),
+                      "loss": loss.item(), "want_loss": -rollout.advantages.mean().item(), **metrics})
+    return terms
+
+
 def test_recorded_log_probs_equal_a_recomputation(run):
     for step in (1, 2):
         for rollout, recomputed in zip(run["seen"][step]["rollouts"], run["seen"][step]["recomputed"]):
             assert rollout.log_probs.shape == (2, 3) and rollout.trajectory.shape[:2] == (2, 4)
+            assert rollout.guidance_scale == 5.0 and "negative_encoder_hidden_states" in rollout.text  # Wan's default
             assert torch.isfinite(rollout.log_probs).all()
             torch.testing.assert_close(recomputed, rollout.log_probs, atol=1e-4, rtol=0)
-    assert all(m["start_log_ratio"] < 1e-4 for m in run["history"])  # the first update starts on-policy
+    assert all(m["start_log_ratio"] < 1e-4 for m in run["history"] if m["step"])  # the first update starts on-policy
+    # the check can fail: the same trajectories under the unguided velocity are another policy
+    gap = max((u - r.log_probs).abs().max().item() for r, u in zip(run["seen"][1]["rollouts"], run["seen"][1]["unguided"]))
+    assert gap > 1e-3  # 10x the tolerance above (log-probs are means over the latent's elements)
+
+
+def test_first_update_under_guidance_keeps_the_on_policy_identities(run):
+    """Before any update, with guidance as without: ratio 1, KL to the reference 0 (the LoRA starts at zero), nothing
+    clipped, so the loss is -mean(advantage) at every denoising step."""
+    for terms in run["seen"]["step0"]:
+        for t in terms:
+            assert t["log_ratio"] < 1e-4 and t["kl"] < 1e-10 and t["clip_fraction"] == 0
+            assert t["loss"] == pytest.approx(t["want_loss"], abs=1e-4)
+            assert t["policy_loss"] == pytest.approx(t["want_loss"], abs=1e-4)
     # the check can fail: after step 1's update the policy is no longer the reference
     step2 = run["seen"][2]
     gap = max((ref - r.log_probs).abs().max().item() for r, ref in zip(step2["rollouts"], step2["reference"]))
@@ -250,7 +298,8 @@ def test_recorded_log_probs_equal_a_recomputation(run):
 
 def test_rewards_are_finger_scores_of_the_decoded_videos(run, tiny_model_dir):
     reward = FingerReward.from_pretrained(tiny_model_dir)
-    for step, metrics in zip((1, 2), run["history"]):
+    assert run["history"][0]["step"] == 0  # the held-out evaluation of the base model
+    for step, metrics in zip((1, 2), run["history"][1:]):
         rollouts = run["seen"][step]["rollouts"]
         all_rewards = []
         for rollout in rollouts:
@@ -285,7 +334,7 @@ def test_saved_lora_loads_into_the_pipeline(run, files):
     out = Path(run["recipe"].output_dir)
     assert (out / "checkpoint-1" / "pytorch_lora_weights.safetensors").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
     fresh = load_pipeline(str(files["pipeline"]), torch.float32)
     g = torch.Generator().manual_seed(0)
     x, embeds = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 16, 32, generator=g)
@@ -296,6 +345,115 @@ def test_saved_lora_loads_into_the_pipeline(run, files):
         trained = predict_velocity(run["pipe"].transformer, x, torch.tensor([0.6]), embeds)
     assert (trained - base).abs().max() > 1e-4
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_held_out_evaluation_is_deterministic_logged_and_saved(run, files, tiny_model_dir):
+    """Before training and after the last step: the eval prompts at seed eval_seed, sampled with the guided ODE, scored,
+    logged as eval/*, saved as mp4s, scores.jsonl and a contact sheet; the base model's samples are reproducible."""
+    from finger_reward.integrations.diffusers import FlowGRPOReward
+    from finger_reward.video import load_video
+
+    out = Path(run["recipe"].output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    evaluated = {r["step"]: r for r in rows if "eval/reward_mean" in r}
+    assert sorted(evaluated) == [0, 2]  # eval_every=2: before training and at max_steps=2
+    assert {"eval/visual_quality", "eval/text_alignment", "eval/failed"} <= set(evaluated[0])
+    assert "time/eval_s" in evaluated[2] and "reward_mean" in evaluated[2] and "reward_mean" not in evaluated[0]
+
+    # step 0 is the base model: a fresh pipeline's guided ODE samples at the same seed give the same frames and scores
+    pipe = load_pipeline(str(files["pipeline"]), torch.float32)
+    video = video_model(pipe, num_frames=5, height=32, width=32)
+    recipe = resolve_guidance(run["recipe"], pipe)
+    text = encode_texts(video, EVAL_PROMPTS, recipe)
+    frames = np.concatenate([video.decode(sample_ode(video, pipe.transformer, {k: v[i:i + 1] for k, v in text.items()},
+                                                     [torch.Generator().manual_seed(7)], num_inference_steps=3,
+                                                     guidance_scale=5.0)) for i in range(2)])
+    reward = FlowGRPOReward(FingerReward.from_pretrained(tiny_model_dir))
+    want = [reward(frames[i:i + 1], [p], video_fps=16.0) for i, p in enumerate(EVAL_PROMPTS)]
+    assert evaluated[0]["eval/reward_mean"] == pytest.approx(np.mean([w[0][0] for w in want]), abs=1e-6)
+    assert evaluated[0]["eval/visual_quality"] == pytest.approx(np.mean([w[1]["visual_quality"][0] for w in want]), abs=1e-6)
+    scores = [json.loads(line) for line in (out / "eval" / "step-000000" / "scores.jsonl").read_text().splitlines()]
+    assert [(s["prompt"], s["seed"], s["video"]) for s in scores] == [(EVAL_PROMPTS[0], 7, "000-seed7.mp4"),
+                                                                       (EVAL_PROMPTS[1], 7, "001-seed7.mp4")]
+    for i, score in enumerate(scores):
+        clip = load_video(out / "eval" / "step-000000" / score["video"], fps=1e6, max_frames=1 << 20,
+                          max_pixels=1 << 30, patch_factor=1)
+        assert clip.frames.shape == (5, 3, 32, 32) and clip.fps == pytest.approx(16.0)  # Wan's rate
+        assert score["reward"] == pytest.approx(float(want[i][0][0]), abs=1e-6)
+    # the policy changed, so the final evaluation differs (the check can fail)
+    assert evaluated[2]["eval/reward_mean"] != evaluated[0]["eval/reward_mean"]
+
+    sheet = np.asarray(Image.open(out / "eval" / "step-000000.png"))
+    assert sheet.shape == (2 * 32 + 2, 5 * 32 + 4 * 2, 3)  # a row per video, every one of its 5 frames
+    np.testing.assert_array_equal(sheet[:32, :32], np.round(frames[0, 0] * 255).astype(np.uint8))
+    assert (out / "eval" / "step-000002.png").is_file() and not (out / "eval" / "step-000001.png").exists()
+
+
+def test_contact_sheet_spreads_frames_evenly():
+    videos = [np.full((9, 4, 6, 3), t, dtype=np.uint8) + np.arange(9, dtype=np.uint8)[:, None, None, None] * 10
+              for t in (0, 100)]
+    sheet = contact_sheet(videos, columns=3, gap=1)
+    assert sheet.shape == (2 * 4 + 1, 3 * 6 + 2, 3)
+    assert [sheet[0, k * 7, 0] for k in range(3)] == [0, 40, 80]  # frames 0, 4, 8
+    assert [sheet[5, k * 7, 0] for k in range(3)] == [100, 140, 180]
+    assert (sheet[4] == 255).all() and (sheet[:, 6] == 255).all()  # the gaps
+    with pytest.raises(ValueError, match="one frame size"):
+        contact_sheet([videos[0], videos[0][:, :2]])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        contact_sheet([np.full((2, 4, 4, 3), 2.0)])
+
+
+def test_guided_ode_equals_the_pipelines_own_sampling():
+    """Our guided velocity and ODE are the pipeline's: WanPipeline (guidance 5) and LTXPipeline (3) sampling the
+    same noise give the same latents; without guidance they do not (so the check can fail)."""
+    from finger_reward.tiny_ltx import build_tiny_ltx_pipeline
+    from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+    for build, frames, extra in ((build_tiny_wan_pipeline, 5, {}), (build_tiny_ltx_pipeline, 9, {"frame_rate": 25})):
+        pipe = build(seed=0)
+        video = video_model(pipe, num_frames=frames, height=32, width=32)
+        recipe = resolve_guidance(FlowGRPORecipe(prompts="p", output_dir="o", reward_model="m", max_sequence_length=16,
+                                                 num_frames=frames, height=32, width=32), pipe)
+        assert recipe.guidance_scale == default_guidance_scale(pipe) and recipe.negative_prompt == ""
+        text = encode_texts(video, ["a red circle moves"], recipe)
+        want = pipe("a red circle moves", num_frames=frames, height=32, width=32, num_inference_steps=3,
+                    guidance_scale=recipe.guidance_scale, generator=torch.Generator().manual_seed(3),
+                    output_type="latent", max_sequence_length=16, **extra).frames
+        ours = sample_ode(video, pipe.transformer, text, [torch.Generator().manual_seed(3)], num_inference_steps=3,
+                          guidance_scale=recipe.guidance_scale)
+        torch.testing.assert_close(ours, want.float(), atol=1e-5, rtol=1e-5)
+        unguided = sample_ode(video, pipe.transformer, text, [torch.Generator().manual_seed(3)], num_inference_steps=3)
+        assert (unguided - want).abs().max() > 1e-3
+
+        # the batched guided velocity is v_u + s (v_c - v_u) of two separate forwards
+        cond, uncond = split_negative(text)
+        x, sigmas = torch.randn_like(ours), torch.tensor([0.7])
+        with torch.no_grad():
+            v_c, v_u = (video.velocity(pipe.transformer, x, sigmas, t) for t in (cond, uncond))
+            guided = video.guided_velocity(pipe.transformer, x, sigmas, text, 4.0)
+        torch.testing.assert_close(guided, v_u + 4.0 * (v_c - v_u), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="needs the negative prompt"):
+            video.guided_velocity(pipe.transformer, x, sigmas, cond, 4.0)
+
+
+def test_guidance_defaults_and_checks():
+    from finger_reward.tiny_wan import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0)
+    assert default_guidance_scale(pipe) == 5.0 and default_guidance_scale(object()) is None
+    base = dict(prompts="p", output_dir="o", reward_model="m")
+    off = resolve_guidance(FlowGRPORecipe(**base, guidance_scale=1.0, negative_prompt="blurry"), pipe)
+    assert (off.guidance_scale, off.negative_prompt) == (1.0, "blurry")
+    video = video_model(pipe, num_frames=5, height=32, width=32)
+    assert set(encode_texts(video, ["a cat"], FlowGRPORecipe(**base, guidance_scale=1.0, negative_prompt="",
+                                                            max_sequence_length=16))) == {"encoder_hidden_states"}
+    with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
+        FlowGRPORecipe(**base, guidance_scale=0.5)
+    with pytest.raises(ValueError, match="eval_every=0"):
+        FlowGRPORecipe(**base, eval_every=0)
+    with pytest.raises(ValueError, match="eval_num_inference_steps must be > 0"):
+        FlowGRPORecipe(**base, eval_num_inference_steps=0)
 
 
 @pytest.mark.gpu
@@ -338,8 +496,10 @@ def test_wan22_ti2v_layout_trains_and_its_per_token_timesteps_equal_one_per_vide
 
     sizes = {**TINY, "height": 64, "width": 64}
     recipe = FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=1,
-                            output_dir=str(tmp_path / "ti2v"), **sizes)
-    history = train(recipe, pipe=pipe)
+                            output_dir=str(tmp_path / "ti2v"), guidance_scale=1.0, **sizes)  # guidance off
+    texts = []
+    history = train(recipe, pipe=pipe, on_rollouts=lambda step, rollouts: texts.extend(set(r.text) for r in rollouts))
+    assert texts == [{"encoder_hidden_states"}] * 2  # no negative prompt encoded, one forward per velocity
     assert len(history) == 1 and math.isfinite(history[0]["reward_mean"]) and math.isfinite(history[0]["policy_loss"])
     with pytest.raises(ValueError, match="multiples of 32; got num_frames=5, height=48"):
         train(FlowGRPORecipe(prompts=str(files["prompts"]), reward_model=str(tiny_model_dir), max_steps=1,
@@ -367,7 +527,8 @@ def test_ltx_video_trains_with_recomputable_log_probs_and_its_lora_loads(files, 
     assert len(history) == 2 and all(math.isfinite(h["reward_mean"]) for h in history)
     for rollout, recomputed in seen[1]:
         assert rollout.frames.shape == (2, 9, 32, 32, 3) and rollout.trajectory.shape[:3] == (2, 4, 3 * 8 * 8)
-        assert set(rollout.text) == {"encoder_hidden_states", "encoder_attention_mask"}
+        assert set(rollout.text) == {"encoder_hidden_states", "encoder_attention_mask", "negative_encoder_hidden_states",
+                                     "negative_encoder_attention_mask"} and rollout.guidance_scale == 3.0  # LTX's default
         torch.testing.assert_close(recomputed, rollout.log_probs, atol=1e-4, rtol=0)
     assert history[1]["start_log_ratio"] < 1e-3
 
@@ -398,9 +559,10 @@ def test_video_model_refuses_what_it_cannot_train():
 
 
 def test_resume_from_a_checkpoint_equals_training_straight_through(files, tiny_model_dir, tmp_path):
-    """Stop after checkpoint-2 and resume: step 3 samples the same videos and ends with the same LoRA."""
+    """Stop after checkpoint-2 and resume: step 3 samples the same videos and ends with the same LoRA; the held-out
+    rows (step 0, the base model; step 2; step 3, the last) survive the rewind and step 3's matches."""
     options = dict(pipeline=str(files["pipeline"]), prompts=str(files["prompts"]), reward_model=str(tiny_model_dir),
-                   max_steps=3, save_steps=1, **TINY)
+                   max_steps=3, save_steps=1, eval_prompts=str(files["eval_prompts"]), eval_every=2, **TINY)
     straight_pipe = load_pipeline(str(files["pipeline"]), torch.float32)
     straight = train(FlowGRPORecipe(output_dir=str(tmp_path / "a"), **options), pipe=straight_pipe)
     assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -408,15 +570,16 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(files, tiny_m
     resumed_pipe = load_pipeline(str(files["pipeline"]), torch.float32)
     resumed = train(FlowGRPORecipe(output_dir=str(tmp_path / "a"), resume_from_checkpoint="last", **options),
                     pipe=resumed_pipe)
-    assert [h["step"] for h in resumed] == [1, 2, 3]
-    for key in ("reward_mean", "policy_loss", "kl", "grad_norm"):
-        assert resumed[2][key] == pytest.approx(straight[2][key], abs=1e-6), key
+    assert [h["step"] for h in resumed] == [0, 1, 2, 3]
+    for key in ("reward_mean", "policy_loss", "kl", "grad_norm", "eval/reward_mean"):
+        assert resumed[3][key] == pytest.approx(straight[3][key], abs=1e-6), key
     lora = {n: p for n, p in straight_pipe.transformer.named_parameters() if "lora_" in n}
     for name, param in resumed_pipe.transformer.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(param, lora[name], atol=1e-6, rtol=0)
-    logged = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3]
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [0, 1, 2, 3]
+    assert [row["step"] for row in logged if "eval/reward_mean" in row] == [0, 2, 3]
 
 
 def test_service_rewards_match_local_scores(files, tiny_model_dir):

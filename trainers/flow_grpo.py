@@ -16,7 +16,16 @@ Models via Online RL", arXiv:2505.05470). Every step:
    advantage plus `beta` times the KL to the reference, which is the same transformer with its
    adapter disabled (`grpo_loss`).
 
-Classifier-free guidance is off: the policy is the conditional velocity alone.
+Classifier-free guidance is on, as the model is sampled in use: the policy's velocity is the guided
+v_u + s (v_c - v_u) (`guidance_scale`, per family by default: Wan 5.0, LTX-Video 3.0; 1.0 turns it
+off; `negative_prompt` gives v_u). The SDE step and the update's recomputed log-probabilities both
+use it, so the ratio and the KL are of the policy that sampled, and LoRA gradients flow through
+both branches.
+
+Held-out evaluation (`eval_prompts`, `eval_every`): before training, every `eval_every` steps and at
+the end, fixed prompts are sampled with the deterministic ODE at fixed seeds, scored by FingER and
+logged to metrics.jsonl as `eval/reward_mean` and `eval/<dimension>`; the videos are kept as mp4s
+with one contact sheet per evaluation in `output_dir/eval/` (`trainers/held_out.py`).
 
 Launch (one GPU; with N GPUs use `accelerate launch --num_processes N`: each process samples its
 own `prompts_per_step` groups, gradients are averaged):
@@ -48,7 +57,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,8 +68,9 @@ from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
     MIXED_PRECISION, add_lora, load_pipeline, lora_parameters, per_sample, save_lora,
 )
+from finger_reward.trainers import held_out
 from finger_reward.trainers.resume import CHECKPOINT_PREFIX, resume_training, save_training, start_log
-from finger_reward.trainers.video_models import cat_texts, text_rows, video_model
+from finger_reward.trainers.video_models import cat_texts, default_guidance_scale, text_rows, video_model, with_negative
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +215,10 @@ class FlowGRPORecipe:
     prompts_per_step: int = _opt(2, "groups sampled per step and process")
     num_inference_steps: int = _opt(10, "SDE sampling steps (all are trained on)")
     noise_level: float = _opt(0.7, "a in s_t = a * sqrt(t / (1 - t))")
+    guidance_scale: float | None = _opt(None, "classifier-free guidance of the sampled policy (and of held-out samples); "
+                                              "None: the family's default (Wan 5.0, LTX-Video 3.0); 1.0 turns it off")
+    negative_prompt: str | None = _opt(None, "the prompt of the unconditional branch under guidance; None: the "
+                                             "pipeline's default (empty for WanPipeline and LTXPipeline)")
     height: int = _opt(480, "video height, a multiple of 16")
     width: int = _opt(832, "video width, a multiple of 16")
     num_frames: int = _opt(33, "4k + 1 frames")
@@ -227,6 +241,11 @@ class FlowGRPORecipe:
     mixed_precision: str = _opt("no", "no, fp16 or bf16 (frozen weights in that dtype)")
     save_steps: int = _opt(50, "checkpoint every this many steps")
     logging_steps: int = _opt(1, "log metrics every this many steps")
+    eval_prompts: str | None = _opt(None, "held-out prompts file (.txt lines or .jsonl); None: no held-out evaluation")
+    eval_every: int = _opt(25, "evaluate the held-out prompts every this many steps (and before the first, after the last)")
+    eval_seed: int = _opt(0, "held-out video k of every prompt starts from the noise of seed eval_seed + k")
+    eval_videos_per_prompt: int = _opt(1, "held-out videos per prompt (seeds eval_seed, eval_seed + 1, ...)")
+    eval_num_inference_steps: int | None = _opt(None, "ODE steps of the held-out samples; None: num_inference_steps")
 
     def __post_init__(self):
         undo_yaml_coercion(self)
@@ -242,12 +261,19 @@ class FlowGRPORecipe:
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2: advantages compare videos of one prompt, got {self.group_size}")
         positive = ("prompts_per_step", "num_inference_steps", "lora_rank", "num_updates", "train_batch_size",
-                    "max_steps", "save_steps", "logging_steps", "noise_level", "learning_rate", "clip_range", "std_floor")
+                    "max_steps", "save_steps", "logging_steps", "noise_level", "learning_rate", "clip_range", "std_floor",
+                    "eval_every", "eval_videos_per_prompt")
         bad = [f"{name}={getattr(self, name)}" for name in positive if not getattr(self, name) > 0]
         if bad:
             raise ValueError(f"must be > 0: {', '.join(bad)}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (0 turns the KL term off), got {self.beta}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1.0 samples without guidance; None takes the family's "
+                             f"default), got {self.guidance_scale}")
+        if self.eval_num_inference_steps is not None and not self.eval_num_inference_steps > 0:
+            raise ValueError(f"eval_num_inference_steps must be > 0 (None: num_inference_steps), "
+                             f"got {self.eval_num_inference_steps}")
         if self.num_updates > self.group_size * self.prompts_per_step:
             raise ValueError(f"num_updates={self.num_updates} is more than the {self.group_size * self.prompts_per_step} "
                              "videos of a step; each update needs at least one")
@@ -299,6 +325,7 @@ class Rollout:
     log_probs: torch.Tensor      # (G, T): log-prob of trajectory[:, j + 1] given trajectory[:, j]
     sigmas: torch.Tensor         # (T + 1,) float32, from 1 down to 0
     noise_level: float
+    guidance_scale: float        # of the velocity that sampled (1.0: no guidance); `text` holds the negative prompt too
     frames: np.ndarray           # (G, F, H, W, 3) float32 in [0, 1]: the decoded videos
     rewards: np.ndarray | None = None      # (G,) float32, NaN where a video failed
     info: dict | None = None               # FlowGRPOReward's info: overall, per dimension, success, errors
@@ -311,8 +338,11 @@ def model_dtype(transformer) -> torch.dtype:
 
 
 def sample_group(model, transformer, prompt: str, text: dict[str, torch.Tensor], *, group_size: int,
-                 num_inference_steps: int, noise_level: float, generator: torch.Generator) -> Rollout:
-    """G videos of one prompt (`text`: its text inputs, one row) with the SDE sampler, recording every step's log-prob."""
+                 num_inference_steps: int, noise_level: float, generator: torch.Generator,
+                 guidance_scale: float = 1.0) -> Rollout:
+    """G videos of one prompt with the SDE sampler on the guided velocity, recording every step's log-prob.
+
+    `text`: the prompt's text inputs, one row (with the negative prompt's, `with_negative`, under guidance)."""
     device = next(iter(text.values())).device
     text = {key: value.expand(group_size, *value.shape[1:]) for key, value in text.items()}
     sigmas = model.sampling_sigmas(num_inference_steps, device)
@@ -323,19 +353,36 @@ def sample_group(model, transformer, prompt: str, text: dict[str, torch.Tensor],
     dtype = model_dtype(transformer)
     states, log_probs = [x], []
     for j in range(num_inference_steps):
-        v = model.velocity(transformer, x.to(dtype), sigmas[j].expand(group_size), text)
+        v = model.guided_velocity(transformer, x.to(dtype), sigmas[j].expand(group_size), text, guidance_scale)
         x, log_prob, _, _ = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, generator, sigma_max=float(sigmas[1]))
         states.append(x)
         log_probs.append(log_prob)
     return Rollout(prompt, text, torch.stack(states, 1), torch.stack(log_probs, 1), sigmas, noise_level,
-                   model.decode(x))
+                   guidance_scale, model.decode(x))
+
+
+@torch.no_grad()
+def sample_ode(model, transformer, text: dict[str, torch.Tensor], generators: list[torch.Generator], *,
+               num_inference_steps: int, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Deterministic samples: the flow ODE dx = v dt with Euler steps x + (sigma_next - sigma) v on the guided
+    velocity, as the pipeline's FlowMatchEulerDiscreteScheduler samples; video i starts from `generators[i]`'s noise.
+
+    `text`: one row per video. Returns the final latents (float32), in the transformer's layout."""
+    device = next(iter(text.values())).device
+    sigmas = model.sampling_sigmas(num_inference_steps, device)
+    x = torch.cat([model.initial_noise(1, g, device) for g in generators])
+    dtype = model_dtype(transformer)
+    for j in range(num_inference_steps):
+        v = model.guided_velocity(transformer, x.to(dtype), sigmas[j].expand(len(x)), text, guidance_scale)
+        x = x + (sigmas[j + 1] - sigmas[j]) * v.float()
+    return x
 
 
 def step_log_prob(model, transformer, trajectory: torch.Tensor, text: dict[str, torch.Tensor], sigmas: torch.Tensor,
-                  j: int, noise_level: float):
-    """(log_prob, mean, std) of the step trajectory[:, j] -> trajectory[:, j + 1] under `transformer`."""
+                  j: int, noise_level: float, guidance_scale: float = 1.0):
+    """(log_prob, mean, std) of the step trajectory[:, j] -> trajectory[:, j + 1] under `transformer`'s guided velocity."""
     x = trajectory[:, j]
-    v = model.velocity(transformer, x.to(model_dtype(transformer)), sigmas[j].expand(len(x)), text)
+    v = model.guided_velocity(transformer, x.to(model_dtype(transformer)), sigmas[j].expand(len(x)), text, guidance_scale)
     _, log_prob, mean, std = sde_step(v, x, sigmas[j], sigmas[j + 1], noise_level, prev_sample=trajectory[:, j + 1],
                                       sigma_max=float(sigmas[1]))
     return log_prob, mean, std
@@ -346,22 +393,22 @@ def rollout_log_probs(model, transformer, rollout: Rollout) -> torch.Tensor:
     """Recompute a rollout's (G, T) log-probs as the update does; equal to the recorded ones under the sampling policy."""
     steps = range(len(rollout.sigmas) - 1)
     return torch.stack([step_log_prob(model, transformer, rollout.trajectory, rollout.text, rollout.sigmas, j,
-                                      rollout.noise_level)[0] for j in steps], 1)
+                                      rollout.noise_level, rollout.guidance_scale)[0] for j in steps], 1)
 
 
 class _Scorer:
     """FlowGRPOReward behind futures: inline for a local model, in threads for a service (overlapping sampling)."""
 
-    def __init__(self, reward_fn, background: bool, workers: int):
-        self.reward_fn = reward_fn
+    def __init__(self, reward_fn, background: bool, workers: int, video_fps: float):
+        self.reward_fn, self.video_fps = reward_fn, video_fps
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="finger-score") if background else None
 
     def submit(self, frames: np.ndarray, prompts: list[str]) -> Future:
         if self._pool is not None:
-            return self._pool.submit(self.reward_fn, frames, prompts)
+            return self._pool.submit(self.reward_fn, frames, prompts, video_fps=self.video_fps)
         future: Future = Future()
         try:
-            future.set_result(self.reward_fn(frames, prompts))
+            future.set_result(self.reward_fn(frames, prompts, video_fps=self.video_fps))
         except Exception as err:
             future.set_exception(err)
         return future
@@ -371,18 +418,30 @@ class _Scorer:
             self._pool.shutdown()
 
 
+def encode_texts(model, prompts: list[str], recipe: FlowGRPORecipe) -> dict[str, torch.Tensor]:
+    """The prompts' text inputs in the transformer's dtype, with the negative prompt's beside them under guidance."""
+    dtype = model_dtype(model.pipe.transformer)
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        return {key: value.to(dtype) if value.is_floating_point() else value
+                for key, value in model.encode_prompts(texts, recipe.max_sequence_length).items()}
+
+    text = encode(prompts)
+    return text if recipe.guidance_scale == 1 else with_negative(text, encode([recipe.negative_prompt]))
+
+
 def collect_rollouts(model, policy, scorer: _Scorer, prompts: list[str], recipe: FlowGRPORecipe,
                      generator: torch.Generator, autocast=nullcontext) -> list[Rollout]:
-    """Sample a group per prompt; each group is scored (in the background with a service) while the next is sampled."""
-    dtype = model_dtype(model.pipe.transformer)
-    text = {key: value.to(dtype) if value.is_floating_point() else value
-            for key, value in model.encode_prompts(prompts, recipe.max_sequence_length).items()}
+    """Sample a group per prompt; each group is scored (in the background with a service) while the next is sampled.
+
+    `recipe` has its guidance resolved (`resolve_guidance`)."""
+    text = encode_texts(model, prompts, recipe)
     rollouts, pending = [], []
     for i, prompt in enumerate(prompts):
         with autocast():
             rollout = sample_group(model, policy, prompt, text_rows(text, slice(i, i + 1)), group_size=recipe.group_size,
                                    num_inference_steps=recipe.num_inference_steps, noise_level=recipe.noise_level,
-                                   generator=generator)
+                                   generator=generator, guidance_scale=recipe.guidance_scale)
         rollouts.append(rollout)
         pending.append(scorer.submit(rollout.frames, [prompt] * recipe.group_size))
     for rollout, future in zip(rollouts, pending):
@@ -454,9 +513,9 @@ def policy_update(model, accelerator, policy, optimizer, rollouts: list[Rollout]
                     if recipe.beta > 0:
                         with torch.no_grad(), reference_model(unwrapped):
                             _, ref_mean, _ = step_log_prob(model, unwrapped, trajectory[idx], text_rows(text, idx),
-                                                           sigmas, j, recipe.noise_level)
+                                                           sigmas, j, recipe.noise_level, recipe.guidance_scale)
                     log_prob, mean, std = step_log_prob(model, policy, trajectory[idx], text_rows(text, idx), sigmas, j,
-                                                        recipe.noise_level)
+                                                        recipe.noise_level, recipe.guidance_scale)
                     if recipe.beta > 0:
                         kl = gaussian_kl(mean, ref_mean, std)
                     loss, step_metrics = grpo_loss(log_prob, old_log_probs[idx, j], advantages[idx],
@@ -475,6 +534,32 @@ def policy_update(model, accelerator, policy, optimizer, rollouts: list[Rollout]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+
+
+def resolve_guidance(recipe: FlowGRPORecipe, pipe) -> FlowGRPORecipe:
+    """The recipe with `guidance_scale` and `negative_prompt` taken from the pipeline's family where they are None."""
+    scale = recipe.guidance_scale if recipe.guidance_scale is not None else default_guidance_scale(pipe)
+    if scale is None:
+        raise ValueError(f"no default guidance_scale for {type(pipe).__name__}; set guidance_scale (1.0: no guidance)")
+    negative = recipe.negative_prompt if recipe.negative_prompt is not None else ""  # what both pipelines use for None
+    return replace(recipe, guidance_scale=float(scale), negative_prompt=negative)
+
+
+def evaluate_held_out(model, transformer, prompts: list[str], recipe: FlowGRPORecipe, reward_fn, out_dir: Path,
+                      step: int, fps: float) -> dict[str, float]:
+    """The held-out evaluation after `step` updates: `sample_ode` of every prompt at the seeds eval_seed + k,
+    guided as the policy samples, scored and saved by `held_out.evaluate`; returns its `eval/...` metrics."""
+    text = encode_texts(model, prompts, recipe)
+    seeds = [recipe.eval_seed + k for k in range(recipe.eval_videos_per_prompt)]
+    steps = recipe.eval_num_inference_steps or recipe.num_inference_steps
+
+    def sample(i: int, seeds: list[int]) -> np.ndarray:
+        rows = text_rows(text, torch.tensor([i] * len(seeds), device=next(iter(text.values())).device))
+        latents = sample_ode(model, transformer, rows, [torch.Generator().manual_seed(s) for s in seeds],
+                             num_inference_steps=steps, guidance_scale=recipe.guidance_scale)
+        return model.decode(latents)
+
+    return held_out.evaluate(sample, prompts, seeds, reward_fn, out_dir, step, fps=fps)
 
 
 def load_reward(recipe: FlowGRPORecipe, device):
@@ -500,15 +585,18 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from finger_reward.integrations.diffusers import FlowGRPOReward
+    from finger_reward.integrations.diffusers import FlowGRPOReward, pipeline_fps
     from finger_reward.serve.client import FingerRewardClient
 
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
     rank = accelerator.process_index
     torch.manual_seed(recipe.seed + rank)
     prompts = read_prompts(recipe.prompts)
+    eval_prompts = read_prompts(recipe.eval_prompts) if recipe.eval_prompts is not None else []
     pipe = pipe if pipe is not None else load_pipeline(recipe.pipeline, MIXED_PRECISION[recipe.mixed_precision])
     video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
+    recipe = resolve_guidance(recipe, pipe)
+    fps = pipeline_fps(pipe)  # the rate FingER samples the videos against (Wan 16, LTX-Video 24)
     pipe.to(accelerator.device)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -522,8 +610,9 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     policy, optimizer = accelerator.prepare(transformer, optimizer)
 
     reward = reward if reward is not None else load_reward(recipe, accelerator.device)
-    scorer = _Scorer(FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights),
-                     background=isinstance(reward, FingerRewardClient), workers=min(recipe.prompts_per_step, 8))
+    reward_fn = FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights)
+    scorer = _Scorer(reward_fn, background=isinstance(reward, FingerRewardClient),
+                     workers=min(recipe.prompts_per_step, 8), video_fps=fps)
     output_dir = Path(recipe.output_dir)
     choose = random.Random(recipe.seed + rank)
     generator = torch.Generator().manual_seed(recipe.seed + rank)
@@ -536,7 +625,23 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
         start_log(output_dir / "metrics.jsonl", history)
-    first = len(history) + 1
+
+    def held_out(step: int) -> dict[str, float]:  # main process only; the others wait for it
+        if not eval_prompts or not (step == 0 or step % recipe.eval_every == 0 or step == recipe.max_steps):
+            return {}
+        metrics = {}
+        if accelerator.is_main_process:
+            with accelerator.autocast():
+                metrics = evaluate_held_out(video, model, eval_prompts, recipe, reward_fn, output_dir / "eval", step, fps)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    if not history and eval_prompts:  # the base model's point of the held-out curve
+        history.append({"step": 0, **held_out(0)})
+        if accelerator.is_main_process:
+            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(history[-1]) + "\n")
+    first = history[-1]["step"] + 1 if history else 1
     progress = tqdm(range(first, recipe.max_steps + 1), initial=first - 1, total=recipe.max_steps, desc="flow-grpo",
                     disable=not accelerator.is_local_main_process)
     try:
@@ -550,6 +655,10 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
             sampled = time.perf_counter()
             metrics.update(policy_update(video, accelerator, policy, optimizer, rollouts, recipe, generator))
             metrics.update({"time/rollout_s": sampled - start, "time/update_s": time.perf_counter() - sampled})
+            evaluated = time.perf_counter()
+            held = held_out(step)
+            if held:
+                metrics.update({**held, "time/eval_s": time.perf_counter() - evaluated})
             history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl']:.2e}")
             if accelerator.is_main_process:

@@ -55,6 +55,12 @@ def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, promp
     return transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
 
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on velocities: v_uncond + s * (v_cond - v_uncond), as WanPipeline and LTXPipeline
+    combine their two predictions (s = 1: the conditional velocity)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
 def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The Wan VAE's per-channel latent mean and std, shaped (1, z, 1, 1, 1)."""
     shape = (1, vae.config.z_dim, 1, 1, 1)

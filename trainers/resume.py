@@ -92,15 +92,16 @@ def resume_training(checkpoint: str | Path | bool, output_dir: str | Path, rank:
     for name, part in parts.items():
         _restore(part, state[name])
     set_rng_state(state["rng"])
-    logger.info("resumed from %s at step %d", path, len(state["history"]))
+    logger.info("resumed from %s at step %d", path, state["history"][-1]["step"] if state["history"] else 0)
     return list(state["history"])
 
 
 def start_log(path: Path, history: list[dict]) -> None:
-    """A JSONL log holding exactly `history`: a fresh run empties it, a resumed one drops lines written later."""
+    """A JSONL log holding exactly `history`: a fresh run empties it, a resumed one drops lines written later
+    (by step number: a history may start at step 0, Flow-GRPO's held-out evaluation of the base model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if history and path.is_file():
-        rewind_log(path, len(history))
+        rewind_log(path, history[-1]["step"])
     else:
         path.write_text("".join(json.dumps(record) + "\n" for record in history), encoding="utf-8")
 

@@ -9,6 +9,10 @@ and so works on either layout unchanged.
     model = video_model(pipe, num_frames=33, height=480, width=832)
     text = model.encode_prompts(["a red circle moves"], max_sequence_length=512)
     v = model.velocity(pipe.transformer, x_t, sigmas, text)
+    guided = model.guided_velocity(pipe.transformer, x_t, sigmas, with_negative(text, negative), 5.0)
+
+Classifier-free guidance defaults per family live here only (`GUIDANCE_SCALE`, `default_guidance_scale`):
+the Flow-GRPO trainer and Diffusion-DPO's candidate generation (`finger_reward.dpo_pairs`) both read them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,38 @@ import numpy as np
 import torch
 
 from finger_reward.trainers import flow_matching
+
+
+# The guidance scale each family is sampled at in use (the diffusers pipelines' own __call__ defaults).
+GUIDANCE_SCALE = {"WanPipeline": 5.0, "LTXPipeline": 3.0}
+# Prefix of the negative prompt's text inputs inside a text dict (`with_negative`).
+NEGATIVE = "negative_"
+
+
+def default_guidance_scale(pipe) -> float | None:
+    """The classifier-free guidance scale `pipe`'s family is sampled at (Wan 5.0, LTX-Video 3.0); None for others.
+
+    Matched by class name along the MRO, so neither diffusers nor torch is imported to ask."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in GUIDANCE_SCALE:
+            return GUIDANCE_SCALE[cls.__name__]
+    return None
+
+
+def with_negative(text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One text dict holding a prompt's inputs and the negative prompt's (keys prefixed `negative_`), row for row,
+    so `text_rows`, `cat_texts` and the trainers' batching carry both."""
+    if len(next(iter(negative.values()))) == 1:
+        rows = len(next(iter(text.values())))
+        negative = {key: value.expand(rows, *value.shape[1:]) for key, value in negative.items()}
+    return {**text, **{NEGATIVE + key: value for key, value in negative.items()}}
+
+
+def split_negative(text: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(the prompt's text inputs, the negative prompt's or None): the inverse of `with_negative`."""
+    cond = {key: value for key, value in text.items() if not key.startswith(NEGATIVE)}
+    uncond = {key[len(NEGATIVE):]: value for key, value in text.items() if key.startswith(NEGATIVE)}
+    return cond, uncond or None
 
 
 def cat_texts(texts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -70,6 +106,23 @@ class _VideoModel:
             raise ValueError(f"{type(self.pipe).__name__}'s VAE and patching need num_frames = {t}k + 1 and height, "
                              f"width multiples of {s}; got num_frames={self.num_frames}, height={self.height}, "
                              f"width={self.width}")
+
+    def guided_velocity(self, transformer, x_t: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
+                        guidance_scale: float) -> torch.Tensor:
+        """The classifier-free-guided velocity v_u + s (v_c - v_u) (Ho & Salimans 2022, Eq. 6, on velocities).
+
+        The conditional and unconditional (negative prompt, from `with_negative`) velocities come from one
+        forward pass of 2B rows, as LTXPipeline batches them; guidance_scale 1 is the conditional velocity
+        alone (one forward, B rows, no negative needed)."""
+        cond, uncond = split_negative(text)
+        if guidance_scale == 1:
+            return self.velocity(transformer, x_t, sigmas, cond)
+        if uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs the negative prompt's text inputs "
+                             "(with_negative(text, negative)); or pass guidance_scale=1 to sample without guidance")
+        both = self.velocity(transformer, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]), cat_texts([cond, uncond]))
+        v_cond, v_uncond = both.chunk(2)
+        return flow_matching.cfg_velocity(v_cond, v_uncond, guidance_scale)
 
     def initial_noise(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """x at sigma = 1 for `n` videos, float32, in the transformer's layout, as the pipeline's sampling starts."""
