@@ -3,6 +3,10 @@
 Reads what the trainers write in their output_dir: `metrics.jsonl` (Flow-GRPO, Diffusion-DPO),
 `log.jsonl` (the evaluator's GRPO) or HF Trainer's `trainer_state.json` (SFT; also found in the
 newest checkpoint-N). `finger-reward plot-training RUN_DIR --out curves.png`.
+
+Held-out metrics (Flow-GRPO's `eval/...`: fixed prompts, fixed seeds, deterministic samples) are
+drawn in the panel of the training metric they measure, beside it: `eval/reward_mean` with
+`reward_mean`, `eval/<dimension>` with `reward/<dimension>`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ _SKIPPED = {"step", "epoch", "lr", "learning_rate", "total_flos", "train_runtime
             "train_steps_per_second", "train_loss"}
 # Default order: what tells whether training works first.
 _FIRST = ("reward", "reward_mean", "loss", "policy_loss", "kl", "implicit_accuracy", "rewards/margin")
+HELD_OUT = "eval/"
+_TRAIN_COLOR, _HELD_OUT_COLOR = "#3b7dd8", "#e07b39"
 
 
 def find_log(path: str | Path) -> Path:
@@ -67,8 +73,38 @@ def curve_keys(rows: list[dict], keys: list[str] | None = None) -> list[str]:
             raise FingerError(f"not logged: {', '.join(missing)}; logged metrics: {', '.join(sorted(counts))}")
         return list(keys)
     found = [key for key, n in counts.items() if n >= 2 and key not in _SKIPPED and not key.startswith("time/")]
+    found = [key for key in found if training_partner(key, found) is None]  # drawn in its partner's panel
     rest = sorted(set(found) - set(_FIRST), key=lambda key: (not key.startswith("reward"), key))  # per-dimension rewards next
     return [key for key in _FIRST if key in found] + rest
+
+
+def training_partner(key: str, logged) -> str | None:
+    """The training metric a held-out metric is drawn beside: eval/X -> X if logged, else reward/X if logged
+    (eval/reward_mean -> reward_mean, eval/text_alignment -> reward/text_alignment); None for any other key."""
+    if not key.startswith(HELD_OUT):
+        return None
+    name = key[len(HELD_OUT):]
+    return next((partner for partner in (name, f"reward/{name}") if partner in logged), None)
+
+
+def panel_lines(rows: list[dict], names: list[str]) -> list[list[tuple[str, list, list]]]:
+    """Per panel, its lines as (label, steps, values): the metric itself, then its held-out partner where logged."""
+    logged = {key for row in rows for key in row}
+    held_out = {training_partner(key, logged): key for key in logged if training_partner(key, logged)}
+    panels = []
+    for name in names:
+        keys = [("training", name), ("held-out", held_out[name])] if name in held_out else [(name, name)]
+        lines = []
+        for label, key in keys:
+            points = [(row["step"], row[key]) for row in rows if _number(row.get(key))]
+            if points:
+                lines.append((label, [step for step, _ in points], [value for _, value in points]))
+        panels.append(lines)
+    return panels
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_training(path: str | Path, out: str | Path, *, keys: list[str] | None = None,
@@ -79,9 +115,13 @@ def plot_training(path: str | Path, out: str | Path, *, keys: list[str] | None =
     if not names:
         raise FingerError(f"{find_log(path)}: no metric is logged at two or more steps yet")
     fig, axes = figure(len(names), columns=4, size=(3.6, 2.6))
-    for ax, name in zip(axes, names):
-        points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
-        ax.plot(*zip(*points), color="#3b7dd8", marker="." if len(points) < 50 else None, linewidth=1.2)
+    for ax, name, lines in zip(axes, names, panel_lines(rows, names)):
+        for label, steps, values in lines:
+            held_out = label == "held-out"
+            ax.plot(steps, values, color=_HELD_OUT_COLOR if held_out else _TRAIN_COLOR, label=label, linewidth=1.2,
+                    marker="o" if held_out else "." if len(steps) < 50 else None, markersize=3 if held_out else None)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -13,7 +13,9 @@ from finger_reward.cli import main
 from finger_reward.errors import FingerError
 from finger_reward.synthetic import write_video
 from finger_reward.tiny_wan import build_tiny_wan_pipeline
-from finger_reward.training_curves import curve_keys, find_log, plot_training, read_training_log
+from finger_reward.training_curves import (
+    curve_keys, find_log, panel_lines, plot_training, read_training_log, training_partner,
+)
 from finger_reward.trainers.diffusion_dpo import DPORecipe, train
 
 
@@ -84,3 +86,32 @@ def test_cli_writes_the_png(dpo_run, tmp_path, capsys):
     assert "2 curve(s): loss, rewards/margin" in capsys.readouterr().out
     assert Image.open(tmp_path / "c.png").format == "PNG"
     assert main(["plot-training", str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")]) != 0
+
+
+def test_held_out_curves_are_drawn_beside_the_training_reward(tmp_path):
+    """Flow-GRPO's metrics.jsonl: a step-0 row with only eval/*, training rows, eval/* again every 2 steps. The
+    held-out metrics join the panels of reward_mean and reward/<dim>; one with no training partner keeps its own."""
+    rows = [{"step": 0, "eval/reward_mean": 0.40, "eval/text_alignment": 0.5, "eval/failed": 0, "eval/extra": 1.0}]
+    for step in (1, 2, 3, 4):
+        row = {"step": step, "reward_mean": 0.3 + 0.05 * step, "reward/text_alignment": 0.6, "failed": 0, "kl": 0.01}
+        if step % 2 == 0:
+            row.update({"eval/reward_mean": 0.4 + 0.02 * step, "eval/text_alignment": 0.55, "eval/failed": 0,
+                        "eval/extra": 2.0})
+        rows.append(row)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    logged = read_training_log(tmp_path)
+    names = curve_keys(logged)
+    assert names[0] == "reward_mean" and "reward/text_alignment" in names and "eval/extra" in names
+    assert not {"eval/reward_mean", "eval/text_alignment", "eval/failed"} & set(names)  # drawn with their partners
+    assert training_partner("eval/reward_mean", names) == "reward_mean"
+    assert training_partner("eval/text_alignment", names) == "reward/text_alignment"
+    assert training_partner("reward_mean", names) is None and training_partner("eval/extra", names) is None
+
+    lines = dict(zip(names, panel_lines(logged, names)))
+    (train, train_x, train_y), (held, held_x, held_y) = lines["reward_mean"]
+    assert (train, train_x, held, held_x) == ("training", [1, 2, 3, 4], "held-out", [0, 2, 4])
+    assert train_y == pytest.approx([0.35, 0.4, 0.45, 0.5]) and held_y == pytest.approx([0.4, 0.44, 0.48])
+    assert [label for label, _, _ in lines["reward/text_alignment"]] == ["training", "held-out"]
+    assert lines["kl"] == [("kl", [1, 2, 3, 4], [0.01] * 4)] and lines["eval/extra"] == [("eval/extra", [0, 2, 4], [1.0, 2.0, 2.0])]
+    assert plot_training(tmp_path, tmp_path / "c.png") == names
+    assert Image.open(tmp_path / "c.png").format == "PNG"
