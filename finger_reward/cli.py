@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="require 'Authorization: Bearer <token>'")
     serve.add_argument("--allow-path", help="accept videos by path inside this directory")
     serve.add_argument("--mode", choices=["answer", "reason"])
+    serve.add_argument("--video-fps", type=float,
+                       help="frame rate of in-memory frames a request sends without one (a request's video_fps wins)")
     _add_slowfast_option(serve)
     serve.set_defaults(run=_serve)
 
@@ -125,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--height", type=int, default=480)
     pairs.add_argument("--width", type=int, default=832)
     pairs.add_argument("--steps", type=int, default=30, help="pipeline inference steps")
+    pairs.add_argument("--video-fps", type=float,
+                       help="frame rate the candidates are written at (default: the pipeline's own: Wan 16, LTX-Video 24)")
     pairs.add_argument("--reward-url", help="score through a running finger-reward service")
     pairs.add_argument("--reward-token", default=os.environ.get("FINGER_REWARD_TOKEN"),
                        help="the service's token (default: $FINGER_REWARD_TOKEN)")
@@ -411,7 +415,8 @@ def _serve(args) -> int:
     from finger_reward.serve.config import ServeConfig
 
     overrides = {k: getattr(args, k)
-                 for k in ("model", "questions", "host", "port", "replicas", "token", "allow_path", "mode", "slowfast")}
+                 for k in ("model", "questions", "host", "port", "replicas", "token", "allow_path", "mode", "slowfast",
+                           "video_fps")}
     try:
         config = ServeConfig.from_yaml(args.config, **overrides)
     except (ValueError, OSError) as err:
@@ -500,6 +505,7 @@ def _select_pairs(args) -> int:
         strategy=args.strategy, margin=args.margin, dimension=args.dimension, seed=args.seed,
         pipeline_kwargs=dict(num_frames=args.num_frames, height=args.height, width=args.width,
                              num_inference_steps=args.steps),
+        video_fps=args.video_fps,
     )
     print(out)
     return 0

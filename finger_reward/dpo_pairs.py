@@ -120,7 +120,7 @@ def select_dpo_pairs(
     compare: Callable[[Any, Any], int] | None = None,
     seed: int = 0,
     pipeline_kwargs: dict | None = None,
-    fps: float = 16.0,
+    video_fps: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Generate, score and pair candidates for each prompt; returns the path of `out_dir/pairs.jsonl`.
@@ -131,9 +131,14 @@ def select_dpo_pairs(
     by one pixel, as H.264 needs even sizes). A candidate that cannot be generated or scored is
     recorded as failed and never paired. Each pairs.jsonl line holds the prompt, the chosen and
     rejected videos (paths relative to `out_dir`), their seeds, overall and per-dimension scores and
-    the strategy. Resumable: prompts already in pairs.jsonl, or in done.jsonl (prompts that gave no
-    pair, with their candidates' scores), are skipped; a re-run must use the same settings.
+    the strategy. Candidates are written at `video_fps`, else the pipeline's own rate
+    (`integrations.diffusers.pipeline_fps`: Wan 16, LTX-Video 24), so they are scored in real time.
+    Resumable: prompts already in pairs.jsonl, or in done.jsonl (prompts that gave no pair, with
+    their candidates' scores), are skipped; a re-run must use the same settings.
     """
+    from finger_reward.integrations.diffusers import resolve_fps
+
+    fps = resolve_fps(pipeline, video_fps)
     select_pairs([], strategy, margin=margin, dimension=dimension, compare=compare)  # validate now
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be >= 2 to form a pair, got {num_candidates}")

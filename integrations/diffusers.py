@@ -39,6 +39,7 @@ from finger_reward import scoring
 from finger_reward.errors import BatchError, FingerError, VideoError
 from finger_reward.questions import DIMENSIONS
 from finger_reward.results import VideoScore
+from finger_reward.video import VideoFrames
 
 OUTPUT_TYPES = ("np", "pt", "pil")
 
@@ -91,8 +92,13 @@ def pipeline_fps(pipe) -> float:
 # ---- pipeline output -> videos -------------------------------------------------------------------
 
 
-def pipeline_videos(output: Any, *, output_type: str | None = None) -> list:
+def pipeline_videos(output: Any, *, output_type: str | None = None, pipeline=None,
+                    video_fps: float | None = None) -> list:
     """One video per batch item from a pipeline output (anything with `.frames`) or its raw `.frames`.
+
+    With `pipeline` (its rate from `pipeline_fps`) or `video_fps`, each item is a `VideoFrames`
+    carrying that frame rate, so FingER samples it in real time wherever it is scored; give one of
+    them for Wan's 81 frames (more than the reward's max_frames, which is an error without a rate).
 
     - np  (B, F, H, W, C) float in [0, 1] -> uint8 arrays (F, H, W, C), rounded;
     - pt  (B, F, C, H, W) float in [0, 1] -> float tensors (F, C, H, W) in [0, 1] (the default value_range);
@@ -109,7 +115,17 @@ def pipeline_videos(output: Any, *, output_type: str | None = None) -> list:
         if len(bad) > 1:
             raise VideoError(err.video, f"{err.problem} (batch items {', '.join(f'#{i}' for i in bad[1:])} are bad too)")
         raise err
-    return videos
+    fps = resolve_fps(pipeline, video_fps)
+    return videos if fps is None else [VideoFrames(v, fps) for v in videos]
+
+
+def resolve_fps(pipeline, video_fps: float | None) -> float | None:
+    """The frame rate an adapter passes on: `video_fps` when given, else the pipeline's, else None."""
+    from finger_reward.reward import check_rate
+
+    if video_fps is not None:
+        return check_rate(video_fps, "video_fps")
+    return None if pipeline is None else pipeline_fps(pipeline)
 
 
 def split_pipeline_output(output: Any, *, output_type: str | None = None) -> list:
@@ -230,20 +246,23 @@ class FlowGRPOReward:
       (list of str, None where fine), so loops can log or weight the component rewards.
 
     `metadata` and extra keyword arguments the trainer passes (e.g. `only_strict`) are accepted
-    and unused. Picklable when its reward is (a FingerRewardClient is).
+    and unused. In-memory frames are sampled against `video_fps`, else `pipeline_fps(pipeline)`
+    (only the number is kept). Picklable when its reward is (a FingerRewardClient is).
     """
 
     __name__ = "finger_reward"
 
-    def __init__(self, reward, *, dimension_weights: Mapping[str, float] | None = None):
+    def __init__(self, reward, *, dimension_weights: Mapping[str, float] | None = None, pipeline=None,
+                 video_fps: float | None = None):
         self.reward = reward
+        self.video_fps = resolve_fps(pipeline, video_fps)
         self.dimension_weights = None if dimension_weights is None else dict(dimension_weights)
         if self.dimension_weights is not None:
             scoring.normalize_weights(self.dimension_weights)  # validate now, not mid-training
 
     def __call__(self, videos: Any, prompts: Sequence[str] | str, metadata: Any = None, **host_kwargs):
         items = _video_items(videos)
-        return self._arrays(score_items(self.reward, items, _prompt_list(prompts, len(items))))
+        return self._arrays(score_items(self.reward, items, _prompt_list(prompts, len(items)), self.video_fps))
 
     def _arrays(self, results: list[VideoScore]) -> tuple[np.ndarray, dict]:
         overall = np.array([r.overall if r.ok else math.nan for r in results], dtype=np.float32)
@@ -273,8 +292,10 @@ def _video_items(videos: Any) -> list:
     return list(videos)
 
 
-def score_items(reward, items: list, prompts: list[str]) -> list[VideoScore]:
-    """Score the items that are videos; items that are already errors fail in place (on_error="nan" semantics)."""
+def score_items(reward, items: list, prompts: list[str], video_fps: float | None = None) -> list[VideoScore]:
+    """Score the items that are videos; items that are already errors fail in place (on_error="nan" semantics).
+
+    `video_fps` (the frame rate of in-memory items) goes to `reward.score` when given."""
     keep = [i for i, v in enumerate(items) if not isinstance(v, Exception)]
     results: list[VideoScore | None] = [None] * len(items)
     for i, item in enumerate(items):
@@ -282,7 +303,8 @@ def score_items(reward, items: list, prompts: list[str]) -> list[VideoScore]:
             results[i] = VideoScore.failed(getattr(item, "video", f"#{i}"), prompts[i], item)
     if keep:
         try:
-            scored = reward.score([items[i] for i in keep], [prompts[i] for i in keep])
+            rate = {} if video_fps is None else {"video_fps": video_fps}
+            scored = reward.score([items[i] for i in keep], [prompts[i] for i in keep], **rate)
         except BatchError as err:
             if err.results is None:
                 raise
@@ -317,9 +339,13 @@ class VideoRewardDropIn:
     `use_norm=True` needs `norm_stats` ({"VQ": (mean, std), ...}, any of VQ, MQ, TA, Overall).
     `fps` or `num_frames` (not both) and `max_pixels` override the frame sampling of a local
     FingerReward for one call; a FingerRewardClient samples as its service is configured.
+    Files carry their frame rate; in-memory videos are sampled against `video_fps`, else
+    `pipeline_fps(pipeline)`.
     """
 
-    def __init__(self, reward, *, norm_stats: Mapping[str, tuple[float, float]] | None = None):
+    def __init__(self, reward, *, norm_stats: Mapping[str, tuple[float, float]] | None = None, pipeline=None,
+                 video_fps: float | None = None):
+        self.video_fps = resolve_fps(pipeline, video_fps)
         unknown = sorted(set(norm_stats or {}) - set(NORM_KEYS))
         if unknown:
             raise ValueError(f"norm_stats has unknown key(s) {unknown}; expected some of {NORM_KEYS}")
@@ -337,7 +363,7 @@ class VideoRewardDropIn:
             raise ValueError("use_norm=True needs norm_stats={'VQ': (mean, std), ...} when building VideoRewardDropIn; "
                              "FingER scores are already probabilities in [0, 1] (use_norm=False)")
         reward = _with_sampling(self.finger_reward, fps, num_frames, max_pixels)
-        results = score_items(reward, list(video_paths), _prompt_list(prompts, len(video_paths)))
+        results = score_items(reward, list(video_paths), _prompt_list(prompts, len(video_paths)), self.video_fps)
         return [self._entry(r, use_norm) for r in results]
 
     def _entry(self, result: VideoScore, use_norm: bool) -> dict:

@@ -32,8 +32,10 @@ class FingerVideoReward:
     """Completion -> video (a diffusers `pipeline`, or any `video_fn(text)`) -> FingER score.
 
     `reward` is a FingerReward or a FingerRewardClient. `pipeline_kwargs` go to every pipeline
-    call (steps, size, frames, ...); pipelines are called with output_type="np". Picklable when
-    its parts are (a client and a module-level `video_fn` are).
+    call (steps, size, frames, ...); pipelines are called with output_type="np". Videos are
+    sampled against `video_fps`, else the pipeline's own rate (`pipeline_fps`); a `video_fn` may
+    return `VideoFrames(frames, fps)` to carry its own. Picklable when its parts are (a client and
+    a module-level `video_fn` are).
     """
 
     __name__ = "finger_reward"  # TRL logs rewards under rewards/<__name__>/
@@ -47,9 +49,13 @@ class FingerVideoReward:
         pipeline_kwargs: dict | None = None,
         prompt_column: str = "original_prompt",
         log_dimensions: bool = True,
+        video_fps: float | None = None,
     ):
+        from finger_reward.integrations.diffusers import resolve_fps
+
         if (pipeline is None) == (video_fn is None):
             raise ValueError("pass exactly one of pipeline= (a diffusers video pipeline) or video_fn= (text -> video)")
+        self.video_fps = resolve_fps(pipeline, video_fps)
         self.reward, self.pipeline, self.video_fn = reward, pipeline, video_fn
         self.pipeline_kwargs = dict(pipeline_kwargs or {})
         self.prompt_column, self.log_dimensions = prompt_column, log_dimensions
@@ -96,7 +102,8 @@ class FingerVideoReward:
         if not keep:
             return results
         try:
-            scored = self.reward.score([videos[i] for i in keep], [originals[i] for i in keep])
+            rate = {} if self.video_fps is None else {"video_fps": self.video_fps}
+            scored = self.reward.score([videos[i] for i in keep], [originals[i] for i in keep], **rate)
         except BatchError as err:
             scored = err.results
         for i, result in zip(keep, scored):

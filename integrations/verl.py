@@ -82,6 +82,8 @@ class FingerVerlConfig:
     timeout: float = field(default=600.0, metadata={"help": "seconds per HTTP request"})
     send_paths: bool = field(default=False, metadata={"help": "send paths, not bytes (the service needs allow_path)"})
     failure_score: float | None = field(default=None, metadata={"help": "reward of an unscorable video; None raises"})
+    video_fps: float | None = field(default=None, metadata={
+        "help": "frame rate of in-memory videos from video_fn (Wan 16, LTX-Video 24); files and VideoFrames carry their own"})
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -90,6 +92,9 @@ class FingerVerlConfig:
             raise ValueError(f"max_wait_ms={self.max_wait_ms} must be >= 0 and timeout={self.timeout} > 0")
         if self.failure_score is not None and not math.isfinite(float(self.failure_score)):
             raise ValueError(f"failure_score={self.failure_score} must be a finite number or None (NaN breaks GRPO groups)")
+        from finger_reward.reward import check_rate
+
+        check_rate(self.video_fps, "video_fps")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None, where: str) -> "FingerVerlConfig":
@@ -193,7 +198,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
     verl calls it once per sample, `compute_score(data_source=, solution_str=, ground_truth=,
     extra_info=, **reward_kwargs)`; the options (`FingerVerlConfig`: reward_url, reward_token,
-    video_key, prompt_key, video_fn, timeout, send_paths, failure_score) come from
+    video_key, prompt_key, video_fn, timeout, send_paths, failure_score, video_fps) come from
     `reward.custom_reward_function.reward_kwargs`. Returns {"score": overall, <dimension>: ...,
     "failed": 0}; verl rewards "score" and logs the other keys. `data_source` and `ground_truth` are
     not used (the reference is the original prompt).
@@ -215,7 +220,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
         video = make_video(video_fn, solution_str) if video_fn else _lookup(config.video_key, "video", sources)
     except RewardSampleError as err:
         return _failure(config, str(err))
-    result = config.client().score([video], [prompt])[0]
+    result = config.client().score([video], [prompt], video_fps=config.video_fps)[0]
     if not result.ok:
         return _failure(config, f"video {result.video} (prompt {prompt!r}): {result.error}")
     return score_dict(result)
@@ -303,6 +308,7 @@ def finger_reward_manager_class() -> type:
           waited max_wait_ms
         - timeout (600 s per request), send_paths (False: upload bytes; True: send paths the service reads)
         - failure_score (None): reward of a sample whose video cannot be scored; None raises `RewardSampleError`
+        - video_fps (None): frame rate of in-memory videos from video_fn (files and `VideoFrames` carry their own)
 
         A step's batch is split over `reward.num_workers` workers, each sending its own requests: set
         `reward.num_workers=1` and `max_batch` >= the step's sample count for one request per step. With
@@ -332,7 +338,7 @@ def finger_reward_manager_class() -> type:
 
         def score_batch(self, videos: list, prompts: list[str]) -> list:
             """One request for the batch (blocking; the batcher runs it in a thread)."""
-            return self.client.score(videos, prompts)
+            return self.client.score(videos, prompts, video_fps=self.options.video_fps)
 
         async def run_single(self, data) -> dict:
             item = data[-1:][0]  # as verl's managers: the last sequence of a multi-turn sample

@@ -99,7 +99,10 @@ class CountingPipeline:
     """The real pipeline, counting its calls (a wrapper, not a mock)."""
 
     def __init__(self, pipe):
+        from finger_reward.integrations.diffusers import pipeline_fps
+
         self.pipe, self.prompts = pipe, []
+        self.config = {"fps": pipeline_fps(pipe)}  # a wrapper states the wrapped pipeline's rate in its config
 
     def __call__(self, prompt, **kwargs):
         self.prompts.append(prompt)
