@@ -149,7 +149,8 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(trained, wan_
     out = Path(result["output_dir"])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoint-3" / "pytorch_lora_weights.safetensors").is_file()
-    assert json.loads((out / "dpo_recipe.json").read_text())["max_steps"] == 6
+    saved = json.loads((out / "dpo_recipe.json").read_text())
+    assert saved["max_steps"] == 6 and saved["video_fps"] == 16.0  # the clips were read at Wan's rate
 
     pipe = WanPipeline.from_pretrained(wan_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -279,6 +280,21 @@ def test_load_clip_crops_frames_resizes_and_scales(pairs_file):
     assert -1 <= video.min() < -0.5 and 0.5 < video.max() <= 1  # dark background, bright red square
     with pytest.raises(VideoError, match="has 5 frames; num_frames=9"):
         load_clip(str(pairs_file.parent / "w0.mp4"), num_frames=9, height=32, width=32)
+
+
+def test_load_clip_reads_at_the_pipelines_frame_rate(tmp_path, caplog):
+    """A 32 fps file trains a 16 fps pipeline on every other frame; a slower file keeps every frame, logged."""
+    frames = np.repeat(np.repeat((np.arange(10) * 25).astype(np.uint8)[:, None, None, None], 32, 1), 32, 2)
+    write_video(np.repeat(frames, 3, axis=3), tmp_path / "fast.mp4", fps=32)
+    brightness = lambda video: ((video.mean(dim=(0, 2, 3)) + 1) * 127.5).tolist()  # noqa: E731
+    at_16 = load_clip(str(tmp_path / "fast.mp4"), num_frames=5, height=32, width=32, fps=16)
+    assert brightness(at_16) == pytest.approx([25, 75, 125, 175, 225], abs=3)  # frames 1, 3, 5, 7, 9
+    as_is = load_clip(str(tmp_path / "fast.mp4"), num_frames=5, height=32, width=32)
+    assert brightness(as_is) == pytest.approx([0, 25, 50, 75, 100], abs=3)
+    with caplog.at_level("WARNING"):
+        slow = load_clip(str(tmp_path / "fast.mp4"), num_frames=5, height=32, width=32, fps=48)
+    torch.testing.assert_close(slow, as_is)
+    assert "slower than the pipeline's 48 fps" in caplog.text
 
 
 def test_read_pairs_resolves_paths_and_names_missing_keys(pairs_file, tmp_path):

@@ -20,7 +20,8 @@ loss is exactly ln 2. Only the LoRA weights train; they are saved in diffusers' 
 
 Pairs file: JSONL, one pair per line with at least "prompt", "chosen" and "rejected" (video
 paths; relative paths are read from the pairs file's folder), as `finger_reward/dpo_pairs.py`
-writes it. Other keys (scores, seeds) are ignored.
+writes it. Other keys (scores, seeds) are ignored. Clips are read at the pipeline's frame rate
+(`integrations.diffusers.pipeline_fps`: Wan 16, LTX-Video 24; a faster file is thinned to it).
 
 Launch (one GPU):
 
@@ -44,6 +45,7 @@ Pipelines: WanPipeline (Wan2.1-T2V 1.3B / 14B, Wan2.2-TI2V-5B) and LTXPipeline (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from finger_reward.errors import VideoError
+from finger_reward.integrations.diffusers import pipeline_fps
 from finger_reward.jsonl import read_jsonl
 from finger_reward.recipes import from_yaml, parse_recipe, undo_yaml_coercion
 from finger_reward.trainers.flow_matching import (
@@ -197,11 +200,16 @@ def read_pairs(path: str | Path) -> list[dict]:
     return pairs
 
 
-def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """A video file as float (C, F, H, W) in [-1, 1]: its first `num_frames` frames (so the clip keeps
-    its frame rate), resized to cover height x width (aspect kept) and centre-cropped. A shorter clip
-    is an error, never padded."""
-    clip = load_video(path, fps=1e6, max_frames=1 << 30, max_pixels=1 << 40, patch_factor=1)  # every frame, as is
+def load_clip(path: str, num_frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
+    """A video file as float (C, F, H, W) in [-1, 1]: its first `num_frames` frames at `fps`, resized to cover
+    height x width (aspect kept) and centre-cropped. A shorter clip is an error, never padded.
+
+    `fps` is the generator's frame rate (`pipeline_fps`: Wan 16, LTX-Video 24): a faster file is thinned to it
+    (evenly spaced frames), so the policy learns motion at the speed it renders; a slower file keeps every frame
+    (logged once per rate, as its motion will look faster). None: every frame of the file, as it is."""
+    clip = load_video(path, fps=fps or 1e6, max_frames=1 << 30, max_pixels=1 << 40, patch_factor=1)
+    if fps is not None and clip.fps < fps * 0.99:
+        _warn_slow_clip(round(clip.fps, 3), fps)
     frames = clip.frames
     if frames.shape[0] < num_frames:
         raise VideoError(path, f"has {frames.shape[0]} frames; num_frames={num_frames} needs at least that many: "
@@ -217,12 +225,21 @@ def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tens
     return (frames / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_slow_clip(clip_fps: float, fps: float) -> None:
+    logger.warning("pair videos at %g fps are slower than the pipeline's %g fps: every frame is kept, so their motion "
+                   "trains %.2gx faster; generate pairs at the pipeline's rate (select-pairs does)", clip_fps, fps,
+                   fps / clip_fps)
+
+
 @torch.no_grad()
-def cache_pairs(model, pairs: list[dict], recipe: DPORecipe, show_progress: bool = True) -> list[dict]:
-    """VAE latents of each pair's two videos and the prompt's text inputs, computed once, kept on the CPU."""
+def cache_pairs(model, pairs: list[dict], recipe: DPORecipe, show_progress: bool = True,
+                fps: float | None = None) -> list[dict]:
+    """VAE latents of each pair's two videos (read at `fps`, see `load_clip`) and the prompt's text inputs, computed
+    once, kept on the CPU."""
     cache, prompt_texts = [], {}
     for pair in tqdm(pairs, desc="encoding pairs", disable=not show_progress):
-        videos = torch.stack([load_clip(pair[k], recipe.num_frames, recipe.height, recipe.width)
+        videos = torch.stack([load_clip(pair[k], recipe.num_frames, recipe.height, recipe.width, fps)
                               for k in ("chosen", "rejected")])
         latents = model.encode_videos(videos).float().cpu()
         if pair["prompt"] not in prompt_texts:
@@ -313,6 +330,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
     if pipe is None:
         pipe = load_pipeline(recipe.pretrained_model, MIXED_PRECISION[recipe.mixed_precision])
     video = video_model(pipe, num_frames=recipe.num_frames, height=recipe.height, width=recipe.width)
+    fps = pipeline_fps(pipe)  # the clips are read at the rate the policy renders
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     pairs = read_pairs(recipe.pairs_file)
@@ -320,7 +338,7 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
         raise ValueError(f"{len(pairs)} pairs cannot fill batch_size={recipe.batch_size} on "
                          f"{accelerator.num_processes} process(es); lower batch_size or add pairs")
     with accelerator.split_between_processes(pairs) as own_pairs:
-        cache = cache_pairs(video, own_pairs, recipe, show_progress=main_process)
+        cache = cache_pairs(video, own_pairs, recipe, show_progress=main_process, fps=fps)
     pipe.text_encoder.to("cpu")  # the cache holds all that training needs from the encoders
     pipe.vae.to("cpu")
 
@@ -396,7 +414,8 @@ def train(recipe: DPORecipe, *, pipe=None) -> dict:
     accelerator.wait_for_everyone()
     if main_process:
         save_lora(type(pipe), model, output_dir)
-        (output_dir / "dpo_recipe.json").write_text(json.dumps(asdict(recipe), indent=2), encoding="utf-8")
+        (output_dir / "dpo_recipe.json").write_text(json.dumps({**asdict(recipe), "video_fps": fps}, indent=2),
+                                                    encoding="utf-8")
     accelerator.end_training()
     return {"history": history, "output_dir": str(output_dir)}
 
