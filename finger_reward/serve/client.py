@@ -66,7 +66,7 @@ class FingerRewardClient:
         timeout: float = 600.0,
         max_retries: int = 6,
         backoff: float = 0.5,
-        videos_per_request: int = 8,
+        videos_per_request: int = 16,
         concurrency: int = 4,
         value_range: tuple[float, float] = (0.0, 1.0),
         send_paths: bool = False,
