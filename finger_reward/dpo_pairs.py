@@ -134,7 +134,9 @@ def select_dpo_pairs(
     the strategy. Candidates are written at `video_fps`, else the pipeline's own rate
     (`integrations.diffusers.pipeline_fps`: Wan 16, LTX-Video 24), so they are scored in real time.
     Resumable: prompts already in pairs.jsonl, or in done.jsonl (prompts that gave no pair, with
-    their candidates' scores), are skipped; a re-run must use the same settings.
+    their candidates' scores), are skipped; a re-run must use the same settings. Without a
+    `guidance_scale` in `pipeline_kwargs`, the family's (`trainers.video_models.GUIDANCE_SCALE`:
+    Wan 5.0, LTX-Video 3.0) is used and recorded in settings.json.
     """
     from finger_reward.integrations.diffusers import resolve_fps
 
@@ -146,6 +148,10 @@ def select_dpo_pairs(
     managed = sorted(set(kwargs) & set(_MANAGED_KWARGS))
     if managed:
         raise ValueError(f"pipeline_kwargs may not set {managed}: select_dpo_pairs sets them per candidate")
+    from finger_reward.trainers.video_models import default_guidance_scale
+
+    if "guidance_scale" not in kwargs and default_guidance_scale(pipeline) is not None:  # as Flow-GRPO samples
+        kwargs["guidance_scale"] = default_guidance_scale(pipeline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(num_candidates=num_candidates, strategy=strategy, margin=margin, dimension=dimension,

@@ -352,6 +352,8 @@ def test_trains_on_pairs_selected_by_finger(wan_dir, tiny_model_dir, tmp_path):
     pairs = select_dpo_pairs(pipe, ["a red kite flies over a hill"], FingerReward.from_pretrained(tiny_model_dir),
                              tmp_path / "pairs", num_candidates=2, progress=False,
                              pipeline_kwargs=dict(num_frames=5, height=32, width=32, num_inference_steps=2))
+    settings = json.loads((tmp_path / "pairs" / "settings.json").read_text())
+    assert settings["pipeline_kwargs"]["guidance_scale"] == 5.0  # Wan's default, the one Flow-GRPO samples at
     recipe = DPORecipe(pretrained_model=str(wan_dir), pairs_file=str(pairs), output_dir=str(tmp_path / "lora"),
                        num_frames=5, height=32, width=32, max_steps=1, save_steps=0, logging_steps=1)
     history = train(recipe)["history"]

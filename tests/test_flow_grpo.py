@@ -304,8 +304,11 @@ def test_rewards_are_finger_scores_of_the_decoded_videos(run, tiny_model_dir):
         all_rewards = []
         for rollout in rollouts:
             assert rollout.frames.shape == (2, 5, 32, 32, 3) and 0 <= rollout.frames.min() <= rollout.frames.max() <= 1
-            direct = [s.overall for s in reward.score(pipeline_videos(rollout.frames), rollout.prompt)]
+            videos = pipeline_videos(rollout.frames)
+            direct = [s.overall for s in reward.score(videos, rollout.prompt, video_fps=16)]  # at Wan's frame rate
             assert rollout.rewards.tolist() == pytest.approx(direct, abs=1e-6)
+            unrated = [s.overall for s in reward.score(videos, rollout.prompt)]  # frames taken as sampled at 2 fps
+            assert max(abs(a - b) for a, b in zip(unrated, direct)) > 1e-6  # so the frame rate did reach FingER
             assert rollout.prompt in PROMPTS and rollout.info["success"].all()
             all_rewards += direct
         assert metrics["reward_mean"] == pytest.approx(np.mean(all_rewards), abs=1e-6)
@@ -369,8 +372,8 @@ def test_held_out_evaluation_is_deterministic_logged_and_saved(run, files, tiny_
     frames = np.concatenate([video.decode(sample_ode(video, pipe.transformer, {k: v[i:i + 1] for k, v in text.items()},
                                                      [torch.Generator().manual_seed(7)], num_inference_steps=3,
                                                      guidance_scale=5.0)) for i in range(2)])
-    reward = FlowGRPOReward(FingerReward.from_pretrained(tiny_model_dir))
-    want = [reward(frames[i:i + 1], [p], video_fps=16.0) for i, p in enumerate(EVAL_PROMPTS)]
+    reward = FlowGRPOReward(FingerReward.from_pretrained(tiny_model_dir), video_fps=16.0)  # Wan's rate
+    want = [reward(frames[i:i + 1], [p]) for i, p in enumerate(EVAL_PROMPTS)]
     assert evaluated[0]["eval/reward_mean"] == pytest.approx(np.mean([w[0][0] for w in want]), abs=1e-6)
     assert evaluated[0]["eval/visual_quality"] == pytest.approx(np.mean([w[1]["visual_quality"][0] for w in want]), abs=1e-6)
     scores = [json.loads(line) for line in (out / "eval" / "step-000000" / "scores.jsonl").read_text().splitlines()]
@@ -594,7 +597,7 @@ def test_service_rewards_match_local_scores(files, tiny_model_dir):
         assert server.batcher.telemetry.videos_scored == 4  # both groups went through the service
     assert len(history) == 1 and len(seen) == 2
     for rollout in seen:
-        direct = [s.overall for s in reward.score(pipeline_videos(rollout.frames), rollout.prompt)]
+        direct = [s.overall for s in reward.score(pipeline_videos(rollout.frames), rollout.prompt, video_fps=16)]
         assert rollout.rewards.tolist() == pytest.approx(direct, abs=1e-5)
 
 

@@ -399,16 +399,16 @@ def rollout_log_probs(model, transformer, rollout: Rollout) -> torch.Tensor:
 class _Scorer:
     """FlowGRPOReward behind futures: inline for a local model, in threads for a service (overlapping sampling)."""
 
-    def __init__(self, reward_fn, background: bool, workers: int, video_fps: float):
-        self.reward_fn, self.video_fps = reward_fn, video_fps
+    def __init__(self, reward_fn, background: bool, workers: int):
+        self.reward_fn = reward_fn
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="finger-score") if background else None
 
     def submit(self, frames: np.ndarray, prompts: list[str]) -> Future:
         if self._pool is not None:
-            return self._pool.submit(self.reward_fn, frames, prompts, video_fps=self.video_fps)
+            return self._pool.submit(self.reward_fn, frames, prompts)
         future: Future = Future()
         try:
-            future.set_result(self.reward_fn(frames, prompts, video_fps=self.video_fps))
+            future.set_result(self.reward_fn(frames, prompts))
         except Exception as err:
             future.set_exception(err)
         return future
@@ -610,9 +610,8 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
     policy, optimizer = accelerator.prepare(transformer, optimizer)
 
     reward = reward if reward is not None else load_reward(recipe, accelerator.device)
-    reward_fn = FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights)
-    scorer = _Scorer(reward_fn, background=isinstance(reward, FingerRewardClient),
-                     workers=min(recipe.prompts_per_step, 8), video_fps=fps)
+    reward_fn = FlowGRPOReward(reward, dimension_weights=recipe.dimension_weights, video_fps=fps)
+    scorer = _Scorer(reward_fn, background=isinstance(reward, FingerRewardClient), workers=min(recipe.prompts_per_step, 8))
     output_dir = Path(recipe.output_dir)
     choose = random.Random(recipe.seed + rank)
     generator = torch.Generator().manual_seed(recipe.seed + rank)

@@ -77,8 +77,8 @@ def evaluate(sample: Callable[[int, list[int]], np.ndarray], prompts: Sequence[s
     """Sample, score and save one held-out evaluation; returns its `eval/...` metrics.
 
     `sample(i, seeds)` returns prompt i's videos (len(seeds), T, H, W, 3) in [0, 1], one per seed;
-    `reward_fn` is a FlowGRPOReward (`fn(videos, prompts, video_fps=) -> (scores, info)`); `fps` is the
-    generator's frame rate, written into the mp4s and given to the reward."""
+    `reward_fn` is a FlowGRPOReward (`fn(videos, prompts) -> (scores, info)`, built with the generator's
+    `video_fps`); `fps`, that same rate, is written into the mp4s."""
     from finger_reward.synthetic import write_video
 
     out = Path(out_dir)
@@ -87,7 +87,7 @@ def evaluate(sample: Callable[[int, list[int]], np.ndarray], prompts: Sequence[s
     videos, records, rewards, infos = [], [], [], []
     for i, prompt in enumerate(prompts):
         frames = sample(i, list(seeds))  # scored as sampled, as the training rewards are
-        scores, info = reward_fn(frames, [prompt] * len(seeds), video_fps=fps)
+        scores, info = reward_fn(frames, [prompt] * len(seeds))
         frames = to_uint8(frames)
         rewards.append(np.asarray(scores, dtype=np.float64))
         infos.append(info)
