@@ -7,6 +7,12 @@ Direct: `FingerReward.score(videos, prompts)` on all videos at once. Service: th
 FingerReward behind `LocalServer` on 127.0.0.1, `--clients` threads each sending one video
 per request with `FingerRewardClient` (as RL workers do). Prints the median videos/s of both over
 alternating runs, their ratio, and the service's p50/p99 request latency (last run).
+
+Then, for `--wan-clips` Wan-size clips (81x480x832 uint8 at 16 fps; a smooth panning scene, and
+the same with +-8 noise as a hard case for compression), one request each way: bytes on the wire
+per clip against the raw base64 .npy the client used to send (the baseline, encoded in this
+process), and the client's preparation time (sample, resize, compress) beside the request time
+(scoring) per clip, with the largest difference from in-process scores of the same arrays.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each path; medians are printed")
+    parser.add_argument("--wan-clips", type=int, default=4, help="Wan-size clips for the transport figures (0: skip)")
     args = parser.parse_args()
 
     prompt = "a red circle moves from left to right"
@@ -95,6 +102,51 @@ def main() -> None:
     print(f"service (HTTP) : {service_rate:8.2f} videos/s   p50 {statistics.median(latencies) * 1000:.0f} ms   "
           f"p99 {latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000:.0f} ms")
     print(f"ratio          : {service_rate / direct_rate:8.2f}   max |overall difference| = {worst:.1e}")
+    if args.wan_clips:
+        at_default = FingerReward(engine, questions=questions)  # the default sampling: 2 fps, 448x448 pixels
+        wan_size(at_default, prompt, args.wan_clips, args.max_batch_size)
+
+
+def wan_clip(seed: int, noise: int, frames: int = 81, height: int = 480, width: int = 832) -> np.ndarray:
+    """uint8 (frames, H, W, 3): a smooth random scene panning 2 px a frame, plus uniform noise of +-`noise`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.interpolate(torch.rand(1, 3, 24, 40, generator=g), mode="bicubic",
+                                            size=(height + 2 * frames, width + 2 * frames), align_corners=False)
+    field = (field.clamp(0, 1) * 255)[0].permute(1, 2, 0).numpy()
+    video = np.stack([field[2 * t: 2 * t + height, 2 * t: 2 * t + width] for t in range(frames)])
+    if noise:
+        video = video + np.random.default_rng(seed).integers(-noise, noise + 1, size=video.shape)
+    return np.clip(np.rint(video), 0, 255).astype(np.uint8)
+
+
+def wan_size(reward, prompt: str, count: int, max_batch_size: int) -> None:
+    """Wan-size clips through the client in one request: bytes per clip, preparation and scoring time."""
+    import base64
+    import io
+
+    print(f"\nWan-size clips (81x480x832 uint8 at 16 fps), {count} per request, server sampling {reward.sampling()}")
+    config = ServeConfig(port=0, max_batch_size=max(max_batch_size, count))
+    with LocalServer(reward, config) as server:
+        client = FingerRewardClient(server.url, videos_per_request=count)
+        for label, noise in (("smooth scene", 0), ("scene + noise", 8)):
+            videos = [wan_clip(seed, noise) for seed in range(count)]
+            start = time.perf_counter()
+            buffer = io.BytesIO()
+            np.save(buffer, videos[0], allow_pickle=False)
+            raw = len(base64.b64encode(buffer.getvalue()))
+            raw_s = time.perf_counter() - start
+            scores = client.score(videos, prompt, video_fps=16)
+            stats = client.stats
+            direct = reward.score(videos, prompt, video_fps=16)
+            worst = max(abs(a.overall - b.overall) for a, b in zip(scores, direct))
+            print(f"{label:14}: {stats.bytes_sent / count / 1e6:7.2f} MB/clip on the wire vs {raw / 1e6:.1f} MB raw "
+                  f".npy base64 ({raw / (stats.bytes_sent / count):.0f}x fewer); {stats.requests} request(s); "
+                  f"{scores[0].sampled['frames']} frames at {scores[0].sampled['width']}x{scores[0].sampled['height']}")
+            print(f"{'':14}  client preparation {stats.prepare_s / count * 1000:6.0f} ms/clip (raw .npy encoding "
+                  f"{raw_s * 1000:.0f} ms), request incl. scoring {stats.request_s / count * 1000:6.0f} ms/clip "
+                  f"(preparation/request {stats.prepare_s / stats.request_s:.2f}); max |overall difference| {worst:.1e}")
 
 
 if __name__ == "__main__":
