@@ -14,7 +14,9 @@ do not depend on the weights. Each loop runs `--steps` optimizer steps of its sh
 - Diffusion-DPO on pairs of synthetic clips written as .mp4 (chosen clean, rejected with a defect);
   the pairs are VAE-encoded once before the first step, so the peak covers encoding too.
 - Flow-GRPO sampling groups with the SDE sampler, FingER scoring them in-process (the shipped tiny
-  evaluator: the 7B evaluator's own cost is benchmarks/engine.py's), and the clipped-ratio update.
+  evaluator: the 7B evaluator's own cost is benchmarks/engine.py's), and the clipped-ratio update,
+  with the family's classifier-free guidance (two transformer rows per video; `--guidance-scale 1`
+  measures it without).
 
 Prints, per loop: the first step (compilation, allocator warm-up) and the mean of the others in
 seconds, Flow-GRPO's split between sampling+scoring and the update, latent tokens per video, and
@@ -38,6 +40,7 @@ from finger_reward.trainers.diffusion_dpo import DPORecipe
 from finger_reward.trainers.diffusion_dpo import train as train_dpo
 from finger_reward.trainers.flow_grpo import FlowGRPORecipe
 from finger_reward.trainers.flow_grpo import train as train_grpo
+from finger_reward.trainers.video_models import default_guidance_scale
 from measure import device_name, peak_mb, peak_reset
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -158,6 +161,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, help="DPO pairs per optimizer step (default: the recipe's 8)")
     parser.add_argument("--group-size", type=int, help="GRPO videos per prompt (default: the recipe's 8)")
     parser.add_argument("--prompts-per-step", type=int, help="GRPO groups per step (default: the recipe's 2)")
+    parser.add_argument("--guidance-scale", type=float, help="GRPO guidance (default: the family's; 1: off)")
     parser.add_argument("--device")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -189,7 +193,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
         if "grpo" in loops:
             grpo = dict(TINY_GRPO) if args.config == "tiny" else {}
-            grpo.update({k: v for k, v in dict(group_size=args.group_size, prompts_per_step=args.prompts_per_step).items() if v})
+            grpo.update({k: v for k, v in dict(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                                               guidance_scale=args.guidance_scale).items() if v})
             _, prompts = write_pairs(root / "prompts", 4, 5, 32, 32)
             recipe = FlowGRPORecipe.from_yaml(CONFIGS_DIR / "flow_grpo_wan.yaml", **{**base, **sizes, **grpo},
                                               prompts=str(root / "prompts" / "prompts.txt"),
@@ -197,6 +202,7 @@ def main() -> None:
                                               max_steps=args.steps, save_steps=args.steps + 1, logging_steps=args.steps)
             pipe = build_pipeline(args.config, device)
             peak_reset(device)
+            guidance = recipe.guidance_scale or default_guidance_scale(pipe)
             history = train_grpo(recipe, pipe=pipe)
             rollout = statistics.mean(h["time/rollout_s"] for h in history[1:] or history)
             update = statistics.mean(h["time/update_s"] for h in history[1:] or history)
@@ -204,7 +210,8 @@ def main() -> None:
             summarise("flow-grpo", [h["time/rollout_s"] + h["time/update_s"] for h in history], peak_mb(device),
                       latent_tokens(recipe.num_frames, recipe.height, recipe.width),
                       f"; {videos} videos/step ({recipe.prompts_per_step} x G={recipe.group_size}), "
-                      f"{recipe.num_inference_steps} SDE steps, {recipe.num_frames}x{recipe.height}x{recipe.width}; "
+                      f"{recipe.num_inference_steps} SDE steps, guidance {guidance:g}, "
+                      f"{recipe.num_frames}x{recipe.height}x{recipe.width}; "
                       f"sampling+scoring {rollout:.2f} s, update {update:.2f} s")
 
 
