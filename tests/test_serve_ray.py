@@ -167,8 +167,11 @@ def test_paths_only_inside_the_allowed_directory(url, allowed_dir, direct, mp4_p
 
 
 def test_health_and_metrics(url):
-    assert httpx.get(f"{url}/v1/health").json() == {"status": "ok"}
-    assert client(url).health() == {"status": "ok"}
+    health = httpx.get(f"{url}/v1/health").json()
+    assert health["status"] == "ok" and health["max_payload_bytes"] == 256 * 2**20
+    assert health["sampling"] == {"fps": 2.0, "max_frames": 48, "max_pixels": 200704, "patch_factor": 28,
+                                  "slowfast": None}  # each replica reports how it samples, as the one-process server
+    assert client(url).health() == health
     text = httpx.get(f"{url}/metrics").text
     for name in ("finger_requests_total", "finger_batch_size_bucket", "finger_queue_depth",
                  'finger_videos_total{outcome="scored"}'):
