@@ -130,15 +130,21 @@ REASON_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def stopping_model(tiny_model_and_processor):
-    """The tiny model with its end-of-turn logit made 1.05x that of the token "ss": a row ends its
-    reason (at EOS) where it would have written "ss", so rows of one batch stop at different steps."""
+def stopping_model(tiny_model_and_processor, clips, questions):
+    """The tiny model with its end-of-turn logit made 1.05x that of a token that some reasons write and
+    others do not: a row ends its reason (at EOS) where it would have written that token, so rows of one
+    batch stop at different steps. The token is picked from the unmodified model's own reasons."""
     model, processor = tiny_model_and_processor
+    engine = TransformersEngine(model, processor, mode="reason", max_new_tokens=REASON_TOKENS)
+    reasons = [r for a in engine.answer_many(clips, questions) for r in a.reasons]
+    rows = [set(processor.tokenizer.encode(r, add_special_tokens=False)) for r in reasons]
+    counts = {t: sum(t in row for row in rows) for t in set().union(*rows)}
+    token = max(counts, key=lambda t: (0 < counts[t] < len(rows), -abs(counts[t] - len(rows) / 2), -t))
     model = copy.deepcopy(model)
-    ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "ss"])
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
         head = model.get_output_embeddings().weight
-        head[ids[0]] = 1.05 * head[ids[1]]
+        head[end] = 1.05 * head[token]
     return model, processor
 
 
