@@ -265,7 +265,8 @@ def test_reason_span_finds_the_answer_the_model_wrote():
 
 
 def test_reason_answer_comes_from_the_same_generation(tmp_path):
-    """The trained tiny evaluator closes its reasons itself: one request per question, equal to local scoring."""
+    """The trained tiny evaluator closes most of its reasons itself: those questions take one request each and
+    equal local scoring; the few it ends with end-of-turn right after </reason> take one re-read each."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from finger_reward.pretrained import TINY_EVALUATOR
@@ -284,11 +285,14 @@ def test_reason_answer_comes_from_the_same_generation(tmp_path):
         assert reward.engine.mode == "reason"  # from the checkpoint's finger_reward.json
         got = reward.score(videos, prompts)
         asked = sum(len(v.questions) for v in got)
-        assert len(served.requests) == asked  # one request per question
-        assert not any(r["body"].get("continue_final_message") for r in served.requests)
+        reread = [r["question"] for r in served.requests if r["body"].get("continue_final_message")]
+        assert len(served.requests) == asked + len(reread)  # one request per question, a second only to re-read
+        assert len(reread) < asked / 2
     for mine, theirs in zip(got, local):
         assert [q.reason for q in mine.questions] == [q.reason for q in theirs.questions]
-        diff = max(abs(a.p_yes - b.p_yes) for a, b in zip(mine.questions, theirs.questions))
+        same_generation = [(a, b) for a, b in zip(mine.questions, theirs.questions) if a.question not in reread]
+        assert same_generation
+        diff = max(abs(a.p_yes - b.p_yes) for a, b in same_generation)
         assert diff < 1e-5, diff
 
 
