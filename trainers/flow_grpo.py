@@ -625,7 +625,7 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
         (output_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
         start_log(output_dir / "metrics.jsonl", history)
 
-    def held_out(step: int) -> dict[str, float]:  # main process only; the others wait for it
+    def evaluate_at(step: int) -> dict[str, float]:  # main process only; the others wait for it
         if not eval_prompts or not (step == 0 or step % recipe.eval_every == 0 or step == recipe.max_steps):
             return {}
         metrics = {}
@@ -636,7 +636,7 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
         return metrics
 
     if not history and eval_prompts:  # the base model's point of the held-out curve
-        history.append({"step": 0, **held_out(0)})
+        history.append({"step": 0, **evaluate_at(0)})
         if accelerator.is_main_process:
             with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(history[-1]) + "\n")
@@ -655,7 +655,7 @@ def train(recipe: FlowGRPORecipe, *, pipe=None, reward=None,
             metrics.update(policy_update(video, accelerator, policy, optimizer, rollouts, recipe, generator))
             metrics.update({"time/rollout_s": sampled - start, "time/update_s": time.perf_counter() - sampled})
             evaluated = time.perf_counter()
-            held = held_out(step)
+            held = evaluate_at(step)
             if held:
                 metrics.update({**held, "time/eval_s": time.perf_counter() - evaluated})
             history.append(metrics)
