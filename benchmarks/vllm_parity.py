@@ -8,9 +8,11 @@
 Scores the same synthetic clips (finger_reward.synthetic, every question of their prompts) locally
 (`FingerReward.from_pretrained(DIR)`, the transformers engine) and through the endpoint
 (`FingerReward.from_openai(..., processor=DIR)`, so a server that builds other inputs fails with
-the flags to fix), in each mode, and prints per mode the largest |P(Yes)| difference, the
-questions flagged `missing_variant`, and in reason mode the reasons that differ and the answers
-read after re-sent reason text. fps and max_pixels come from DIR's finger_reward.json, as in
+the flags to fix), in each mode, and prints per mode the largest |P(Yes)| difference over the
+answers read from the generation itself, the questions flagged `missing_variant`, and in reason
+mode the reasons that differ and, apart, the answers read after re-sent reason text (a reason the
+model ended without `<answer>`: the server re-tokenizes the closed text, the local engine appends
+the tags' own tokens, so those differ by construction). fps and max_pixels come from DIR's finger_reward.json, as in
 scoring. The goal on the tiny evaluator is <= 1e-4 in answer mode.
 """
 
@@ -27,36 +29,40 @@ from finger_reward.engine.server_inputs import serve_commands
 from finger_reward.synthetic import make_world
 
 
-class _Count(logging.Handler):
-    """Counts the backend's warnings that name answers read after re-sent reason text."""
+class _Reread(logging.Handler):
+    """Collects (video, question) of the answers the backend read after re-sent reason text (its warnings)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.resent = 0
+        self.questions: set[tuple[str, str]] = set()
 
     def emit(self, record):
         if "did not reach <answer>" in record.getMessage():
-            self.resent += int(record.args[1])
+            video, _, _, questions = record.args
+            self.questions |= {(video, q) for q in questions}
 
 
 def compare(args, mode: str, videos: list[str], prompts: list[str], bank: str) -> str:
     """One line: the largest |P(Yes)| difference between local and served scoring of the same clips in `mode`."""
     options = dict(questions=bank, mode=mode, max_new_tokens=args.max_new_tokens)
     local = FingerReward.from_pretrained(args.model_dir, **options).score(videos, prompts)
-    counter, log = _Count(), logging.getLogger("finger_reward.engine.openai_backend")
-    log.addHandler(counter)
+    reread, log = _Reread(), logging.getLogger("finger_reward.engine.openai_backend")
+    log.addHandler(reread)
     log.setLevel(logging.WARNING)  # its warnings name the flagged questions (stderr)
     served = FingerReward.from_openai(args.base_url, args.served_model or args.model_dir, processor=args.model_dir,
                                       top_logprobs=args.top_logprobs, **options).score(videos, prompts)
-    log.removeHandler(counter)
-    pairs = [(a, b) for mine, theirs in zip(served, local) for a, b in zip(mine.questions, theirs.questions)]
-    gap = max(abs(a.p_yes - b.p_yes) for a, b in pairs)
-    flagged = sum(a.missing_variant is not None for a, _ in pairs)
-    line = (f"{mode}: max |P(Yes)| local vs server = {gap:.2e} over {len(pairs)} questions of {len(videos)} videos; "
-            f"missing_variant flagged: {flagged}")
+    log.removeHandler(reread)
+    pairs = [(a, b, (mine.video, a.question) in reread.questions)
+             for mine, theirs in zip(served, local) for a, b in zip(mine.questions, theirs.questions)]
+    same = [abs(a.p_yes - b.p_yes) for a, b, again in pairs if not again]
+    flagged = sum(a.missing_variant is not None for a, _, _ in pairs)
+    line = (f"{mode}: max |P(Yes)| local vs server = {max(same, default=float('nan')):.2e} over {len(same)} of "
+            f"{len(pairs)} questions of {len(videos)} videos; missing_variant flagged: {flagged}")
     if mode == "reason":
-        differ = sum(a.reason != b.reason for a, b in pairs)
-        line += f"; reasons that differ: {differ}; answers read after re-sent text: {counter.resent}"
+        differ = sum(a.reason != b.reason for a, b, _ in pairs)
+        again = [abs(a.p_yes - b.p_yes) for a, b, again in pairs if again]
+        line += (f"; reasons that differ: {differ}; answers read after re-sent text (left out above): {len(again)}"
+                 + (f", max |P(Yes)| among them {max(again):.2e}" if again else ""))
     return line
 
 

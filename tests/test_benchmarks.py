@@ -72,4 +72,7 @@ def test_vllm_parity_benchmark_agrees_with_the_stand_in_server():
     gaps = dict(re.findall(r"(answer|reason): max \|P\(Yes\)\| local vs server = ([0-9.e+-]+)", out))
     assert set(gaps) == {"answer", "reason"}, out
     assert float(gaps["answer"]) <= 1e-4 and float(gaps["reason"]) <= 1e-4, out
-    assert "answers read after re-sent text: 0" in out and "reasons that differ: 0" in out, out
+    assert "reasons that differ: 0" in out, out
+    reread = int(re.search(r"answers read after re-sent text \(left out above\): (\d+)", out).group(1))
+    compared = int(re.search(r"reason: .* over (\d+) of 60 questions", out).group(1))
+    assert compared + reread == 60 and compared >= 40, out  # most answers come from the reason's own generation
