@@ -78,19 +78,34 @@ def test_stopped_at_end_of_turn(tokens, tokenizer):
         ("the circle</rea", "the circle</rea</reason><answer>"),  # a half-written tag is closed anew
     ],
 )
-def test_closing_ids_make_the_answer_next(tokens, tokenizer, text, fed):
-    # The engine feeds the reason up to its last token, then closing_ids (which begin with that token).
+def test_closing_makes_the_answer_next(tokens, tokenizer, text, fed):
+    # The engine has fed the reason up to its last token; it keeps `keep` of those and feeds `closing`.
     generated = ids(tokenizer, text)
-    closing = tokens.closing_ids(generated)
-    assert closing[0] == generated[-1]
-    assert tokenizer.decode(generated[:-1] + closing) == fed
+    keep, closing = tokens.closing(generated)
+    assert tokenizer.decode(generated[:keep] + closing) == fed
+    # The text is tokenized as one, as a server re-reading it does.
+    assert generated[:keep] + closing == tokenizer.encode(fed, add_special_tokens=False)
+    if text.endswith("<answer>"):  # the model closed it itself: its own tokens stand
+        assert (keep, closing) == (len(generated) - 1, generated[-1:])
 
 
-def test_closing_ids_drop_an_end_of_turn(tokens, tokenizer):
-    generated = ids(tokenizer, "the circle moves") + [tokenizer.eos_token_id]
-    closing = tokens.closing_ids(generated)
+@pytest.mark.parametrize("text", ["the circle moves", "the circle moves</reason>"])
+def test_closing_drops_an_end_of_turn_and_never_repeats_a_tag(tokens, tokenizer, text):
+    generated = ids(tokenizer, text) + [tokenizer.eos_token_id]
+    keep, closing = tokens.closing(generated)
     assert tokenizer.eos_token_id not in closing
-    assert tokenizer.decode(generated[:-1] + closing) == "the circle moves</reason><answer>"
+    assert tokenizer.decode(generated[:keep] + closing) == "the circle moves</reason><answer>"
+
+
+def test_closing_tokenizes_across_the_seam_as_the_model_writes(tokens, tokenizer):
+    """">" then "<answer>" is tokenized with the tag's "<" joined to the ">" where the tokenizer joins them
+    (the tiny tokenizer has "><"): the engine takes back the fed ">" and feeds the joined tokens."""
+    generated = ids(tokenizer, "the circle moves</reason>") + [tokenizer.eos_token_id]
+    whole = tokenizer.encode("the circle moves</reason><answer>", add_special_tokens=False)
+    keep, closing = tokens.closing(generated)
+    assert generated[:keep] + closing == whole
+    if "><" in tokenizer.convert_ids_to_tokens(whole):
+        assert keep < len(generated) - 1  # a fed token was replaced
 
 
 def test_reason_text_drops_tags_and_special_tokens(tokens, tokenizer):
@@ -177,6 +192,8 @@ def test_decode_reasons_stops_each_question_on_its_own(tokens, tokenizer):
     assert len(model.fed) == 8  # 7 steps after the first token, then the closing step
     # The last step feeds every question's closing ids where its reason ended; its logits are returned.
     closing = [piece for row in model.fed[-1] for piece in row]
-    assert [(q, first) for q, _, first in closing] == [(q, length + n - 1) for (_, q, length), n in zip(questions, stops)]
-    assert [piece_ids for _, piece_ids, _ in closing] == [tokens.closing_ids(g) for g in generated]
+    expected = [tokens.closing(g) for g in generated]
+    assert [(q, first) for q, _, first in closing] == [(q, length + keep) for (_, q, length), (keep, _) in
+                                                        zip(questions, expected)]
+    assert [piece_ids for _, piece_ids, _ in closing] == [piece for _, piece in expected]
     assert last.shape == (3, len(tokenizer))

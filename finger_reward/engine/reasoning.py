@@ -91,14 +91,24 @@ class ReasonTokens:
             self._ends_with_gt[token] = self.tokenizer.decode([token], skip_special_tokens=False).endswith(">")
         return self._ends_with_gt[token]
 
-    def closing_ids(self, generated: list[int]) -> list[int]:
-        """The reason's last token (dropped if end of turn) then the missing closing tags: fed after the
-        reason, they make the next token the answer."""
-        tags = closing_tags(self.tail(generated))
+    def closing(self, generated: list[int]) -> tuple[int, list[int]]:
+        """How a generated reason continues so that the next token is the answer: (keep, ids).
+
+        Of the reason's tokens already fed (all but the last generated one), the first `keep` stay
+        and `ids` follow. A reason the model closed itself keeps its own tokens. Otherwise the
+        missing tags are added to the reason's text (an end of turn dropped) and that text is
+        tokenized as a whole, as an OpenAI-compatible server re-reading the same text does: the
+        model then sees the tokens it would have written itself ("><" rather than ">" then "<").
+        """
+        text_ids = generated[:-1] if generated[-1] in self.eos_ids else generated
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=False)
+        tags = closing_tags(text)
         if not tags:
-            return generated[-1:]
-        keep = [] if generated[-1] in self.eos_ids else generated[-1:]
-        return keep + self.tokenizer.encode(tags, add_special_tokens=False)
+            return len(generated) - 1, generated[-1:]
+        target = self.tokenizer.encode(text + tags, add_special_tokens=False)
+        fed = generated[:-1]
+        keep = next((i for i, (a, b) in enumerate(zip(target, fed)) if a != b), min(len(target), len(fed)))
+        return keep, target[keep:]
 
     def reason(self, generated: list[int]) -> str:
         """The reason text of generated ids, tags and special tokens removed."""
@@ -121,7 +131,8 @@ def decode_reasons(
     next-token logits after each suffix, and `advance(pieces)` feeds `pieces` (of `videos` rows)
     and returns the next-token logits at each piece's end, in piece order. Each step feeds one
     token per unfinished question; a question that has stopped is left out, so the others cannot
-    change it. A last step feeds each question's closing ids.
+    change it. A last step feeds each question's closing ids (`ReasonTokens.closing`); a piece that
+    starts before its question's next offset replaces that question's tokens from there on.
     """
     generated: list[list[int]] = [[] for _ in questions]
     offset = [length for _, _, length in questions]  # where each question's next token goes
@@ -143,6 +154,7 @@ def decode_reasons(
         for r, token in zip(running, pick(advance(pieces), tokens.suppressed, temperature).tolist()):
             chosen[r] = token
     pieces = [[] for _ in range(videos)]
-    for r, (v, q, _) in enumerate(questions):
-        pieces[v].append((q, tokens.closing_ids(generated[r]), offset[r]))
+    for r, (v, q, length) in enumerate(questions):
+        keep, closing = tokens.closing(generated[r])
+        pieces[v].append((q, closing, length + keep))
     return generated, advance(pieces)

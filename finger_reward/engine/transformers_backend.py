@@ -19,7 +19,7 @@ mask ("sdpa", the default, or "eager").
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,8 @@ class _Packed:
     seg: torch.Tensor  # (videos, slots): packing.PREFIX, packing.PAD or the question index of each cached slot
     rope_delta: torch.Tensor  # (videos, 1)
     start: int  # the slot of the first text token after the prefixes
+    off: torch.Tensor | None = None  # (videos, slots): each question slot's offset in its question, else -1
+    next_offset: dict = field(default_factory=dict)  # (video row, question) -> offset of its next token
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -313,11 +315,15 @@ class TransformersEngine:
         """
         layout = packing.lay_out(pieces, self.pad_id)
         ids, seg = layout.ids.to(self.device), layout.seg.to(self.device)
+        off = torch.where(seg == packing.PAD, -1, layout.offsets.to(self.device))
+        if state.off is None:
+            state.off = torch.full_like(state.seg, -1)
+        _supersede(state, pieces)
         positions = (layout.offsets.to(self.device) + state.start + state.rope_delta)[None].expand(3, -1, -1)
         mask = packing.block_mask(state.seg, seg, self.model.dtype)
         out = self._base(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=state.cache, use_cache=True)
-        state.seg = torch.cat([state.seg, seg], 1)
+        state.seg, state.off = torch.cat([state.seg, seg], 1), torch.cat([state.off, off], 1)
         rows, cols = (torch.tensor(x, device=self.device) for x in layout.last)
         return out.last_hidden_state[rows, cols]
 
@@ -362,10 +368,22 @@ class TransformersEngine:
                 )
                 generated = out[0, inputs["input_ids"].shape[1] :].tolist()
                 reasons.append(self.reason_tokens.reason(generated))
-                inputs = _append_text_tokens(inputs, generated[:-1] + self.reason_tokens.closing_ids(generated))
+                keep, closing = self.reason_tokens.closing(generated)
+                inputs = _append_text_tokens(inputs, generated[:keep] + closing)
             inputs = with_rope_positions(self.model.config, inputs)
             probs.append(self._probs(self.model(**inputs, logits_to_keep=1).logits[:, -1]))
         return Answers(torch.cat(probs), reasons if self.mode == "reason" else None)
+
+
+def _supersede(state: _Packed, pieces: packing.Pieces) -> None:
+    """Hide the cached tokens a piece replaces: those of its question at or after the piece's first offset
+    (a reason closed by re-tokenizing its text, `ReasonTokens.closing`), so nothing attends to them."""
+    for row, row_pieces in enumerate(pieces):
+        for q, tokens, first in row_pieces:
+            if first < state.next_offset.get((row, q), first):
+                stale = (state.seg[row] == q) & (state.off[row] >= first)
+                state.seg[row] = state.seg[row].masked_fill(stale, packing.PAD)
+            state.next_offset[(row, q)] = first + len(tokens)
 
 
 def _right_pad_batch(inputs: list[dict], pad_id: int, device) -> dict:
