@@ -19,6 +19,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -471,19 +472,21 @@ def _open_pyav(source: Any) -> _Reader:
 # ---- lossless transport (the service's client sends sampled frames this way) ---------------------
 
 
-def encode_lossless(frames: torch.Tensor) -> bytes:
-    """uint8 frames (T, C, H, W) as mp4 bytes of lossless RGB H.264 (libx264rgb, qp 0): decoded back exactly.
+def encode_frames(frames: torch.Tensor, fps: float = 1.0, codec: str = "lossless") -> bytes:
+    """uint8 frames (T, C, H, W) as mp4 bytes: lossless RGB H.264 (libx264rgb, crf 0: decoded back exactly),
+    or H.264 4:2:0 at crf 18 (`codec="h264"`).
 
-    The stored rate is nominal (frames carry their rate beside the bytes); only the pixels matter.
+    The frame rate is stored as a fraction (denominator <= 1000), so 2 fps or 16/9 fps read back exactly.
     """
     import av
 
     array = frames.permute(0, 2, 3, 1).contiguous().numpy()
+    name, pix_fmt, crf = ("libx264rgb", "rgb24", "0") if codec == "lossless" else ("libx264", "yuv420p", "18")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264rgb", rate=1)
-        stream.height, stream.width, stream.pix_fmt = array.shape[1], array.shape[2], "rgb24"
-        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream = container.add_stream(name, rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width, stream.pix_fmt = array.shape[1], array.shape[2], pix_fmt
+        stream.options = {"crf": crf, "preset": "ultrafast"}
         for frame in array:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -491,7 +494,7 @@ def encode_lossless(frames: torch.Tensor) -> bytes:
 
 
 def decode_lossless(data: bytes, name: str) -> torch.Tensor:
-    """uint8 frames (T, C, H, W) from `encode_lossless` bytes (PyAV, every frame, RGB as stored)."""
+    """uint8 frames (T, C, H, W) from `encode_frames` bytes (PyAV, every frame, RGB as stored)."""
     import av
 
     try:

@@ -174,7 +174,7 @@ def test_pickles_without_its_batcher(reward, mp4_paths):
 
 
 def test_81_frames_at_16_fps_score_exactly_like_the_lossless_file(reward, tmp_path):
-    from finger_reward.engine.openai_backend import encode_frames
+    from finger_reward.video import encode_frames
     from finger_reward.video import VideoFrames
     from tests.conftest import random_frames
 

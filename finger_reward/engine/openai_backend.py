@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -59,7 +57,7 @@ from finger_reward.engine.server_inputs import (
 from finger_reward.engine.top_logprobs import answer_from_top_logprobs, expected_spellings, reason_span
 from finger_reward.engine.transformers_backend import Answers
 from finger_reward.errors import FingerError
-from finger_reward.video import PATCH_FACTOR, Clip
+from finger_reward.video import PATCH_FACTOR, Clip, encode_frames
 
 logger = logging.getLogger(__name__)
 
@@ -324,26 +322,6 @@ def check_prompt_tokens(reply: dict, expected: int, clip: Clip, top_logprobs: in
                             "local scoring; drop processor= to score without the check")
     if got != expected:
         raise InputMismatch(mismatch_message(got, expected, clip, top_logprobs))
-
-
-def encode_frames(frames: torch.Tensor, fps: float, codec: str = "lossless") -> bytes:
-    """uint8 frames (T, C, H, W) as mp4 bytes: lossless RGB H.264 (libx264rgb, crf 0), or H.264 4:2:0 at crf 18.
-
-    The frame rate is stored as a fraction (denominator <= 1000), so 2 fps or 16/9 fps read back exactly.
-    """
-    import av
-
-    array = frames.permute(0, 2, 3, 1).contiguous().numpy()
-    name, pix_fmt, crf = ("libx264rgb", "rgb24", "0") if codec == "lossless" else ("libx264", "yuv420p", "18")
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(name, rate=Fraction(fps).limit_denominator(1000))
-        stream.height, stream.width, stream.pix_fmt = array.shape[1], array.shape[2], pix_fmt
-        stream.options = {"crf": crf, "preset": "ultrafast"}
-        for frame in array:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return buffer.getvalue()
 
 
 def _choice(reply: dict) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from finger_reward.errors import FingerError
-from finger_reward.video import Clip, Pathway, encode_lossless, decode_lossless
+from finger_reward.video import Clip, Pathway, decode_lossless, encode_frames
 
 CODECS = ("h264rgb", "raw")
 
@@ -29,7 +29,7 @@ class WireError(FingerError):
 def pack_frames(frames: torch.Tensor) -> dict:
     """uint8 (T, C, H, W) as {"codec", "shape", "data"}: lossless H.264, or raw bytes if those are smaller."""
     raw = frames.contiguous().numpy().tobytes()
-    encoded = encode_lossless(frames)
+    encoded = encode_frames(frames)
     codec, data = ("h264rgb", encoded) if len(encoded) < len(raw) else ("raw", raw)
     return {"codec": codec, "shape": list(frames.shape), "data": base64.b64encode(data).decode()}
 
