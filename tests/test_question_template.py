@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 
 from finger_reward.errors import QuestionError
 from finger_reward.questions import DIMENSIONS, QuestionBank, fill_bank
 from finger_reward.questions.generate import GenerationError, QuestionGenerator
-from finger_reward.questions.entities import Entity, extract_entities
+from finger_reward.questions.entities import (
+    CONJUNCTIONS, DETERMINERS, DIRECTION_WORDS, PREPOSITIONS, VERB_PAST, VERB_S, Entity, extract_entities, is_plural)
 from finger_reward.questions.template import TemplateGenerator
 
 PROMPTS = [
@@ -73,7 +75,7 @@ def test_every_prompt_gets_both_polarities_in_all_five_dimensions(prompt, max_pe
         assert len(kept) <= max_per_dimension
     for q in result:
         assert q.prompt == prompt
-        assert q.entity.strip() and q.entity.lower() in q.question.lower(), q
+        assert q.entity.strip() and q.entity.lower().split()[-1] in q.question.lower(), q  # the head noun
         assert q.question.endswith("?") and "{" not in q.question and "  " not in q.question, q
     keys = [re.sub(r"[^a-z0-9]+", " ", q.question.lower()).strip() for q in result]
     assert len(set(q.question for q in result)) == len(result) and len(set(keys)) == len(set(keys))
@@ -83,10 +85,91 @@ def test_a_larger_cap_keeps_more_questions_and_the_default_is_four():
     prompt = PROMPTS[0]
     assert max(sum(q.dimension == d for q in questions(prompt)) for d in DIMENSIONS) == 4
     assert len(questions(prompt, max_per_dimension=8)) > len(questions(prompt))
-    assert "Does the red coat look red, as the prompt describes?" not in texts(prompt, "text_alignment")
+    assert "Is the coat red?" not in texts(prompt, "text_alignment")
     wider = [q.question for q in questions(prompt, max_per_dimension=6)]
-    assert "Does the red coat look red, as the prompt describes?" in wider
-    assert "Does the red coat stay red throughout the video?" in wider
+    assert "Is the coat red?" in wider
+    assert "Does the red coat keep the same colour throughout the video?" in wider
+
+
+# ---- the benchmark-style prompt set (tests/data/template_prompts.txt) ----------------------------
+
+
+def _load_prompt_set() -> list[tuple[str, list[str]]]:
+    """(prompt, key nouns) per line of the data file; comment and blank lines skipped."""
+    rows = []
+    for line in (Path(__file__).parent / "data" / "template_prompts.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            prompt, _, nouns = line.partition(" | ")
+            rows.append((prompt, [n.strip() for n in nouns.split(",") if n.strip()]))
+    return rows
+
+
+PROMPT_SET = _load_prompt_set()
+
+
+def _has_words(text: str, words: str) -> bool:
+    return re.search(rf"(?<![\w']){re.escape(words.lower())}(?![\w'])", text.lower()) is not None
+
+
+def test_the_prompt_set_is_large_and_varied():
+    assert len(PROMPT_SET) >= 40 and all(nouns for _, nouns in PROMPT_SET)
+    assert len({p for p, _ in PROMPT_SET}) == len(PROMPT_SET)
+
+
+@pytest.mark.parametrize("prompt, key_nouns", PROMPT_SET, ids=[p[:40] for p, _ in PROMPT_SET])
+def test_each_key_noun_is_an_entity_that_questions_ask_about(prompt, key_nouns):
+    entities = extract_entities(prompt)
+    asked = " ".join(q.question for q in questions(prompt, max_per_dimension=10))
+    for noun in key_nouns:
+        assert any(_has_words(e.name, noun) for e in entities), (noun, [e.name for e in entities])
+        assert _has_words(asked, noun.split()[-1]), (noun, asked)
+
+
+@pytest.mark.parametrize("prompt, key_nouns", PROMPT_SET, ids=[p[:40] for p, _ in PROMPT_SET])
+def test_no_verb_inside_an_entity_and_no_cut_off_question(prompt, key_nouns):
+    for e in extract_entities(prompt):
+        # "blue square spins": a verb after the noun's first word; a leading word may be a noun ("waves")
+        inside = [w for w in e.name.split()[1:] if w in VERB_S or w in VERB_PAST]
+        assert not inside, (e.name, inside)
+    for q in questions(prompt, max_per_dimension=10):
+        words = re.findall(r"[\w'\"-]+", q.question.lower())
+        assert words[-1] not in PREPOSITIONS | DETERMINERS | CONJUNCTIONS, q.question
+        for i, w in enumerate(words[:-1]):  # "from left" without its "to right"
+            side = words[i + 2] if words[i + 1] == "the" and i + 2 < len(words) else words[i + 1]
+            if w == "from" and side in DIRECTION_WORDS:
+                assert "to" in words[i + 2:i + 5], q.question
+
+
+@pytest.mark.parametrize("prompt, key_nouns", PROMPT_SET, ids=[p[:40] for p, _ in PROMPT_SET])
+def test_every_question_agrees_with_its_entity_in_number(prompt, key_nouns):
+    for q in questions(prompt, max_per_dimension=10):
+        plural = is_plural(q.entity.split())
+        wrong = ("Is the ", "Does the ") if plural else ("Are the ", "Do the ")
+        for start in wrong:
+            assert not q.question.startswith(start + q.entity + " "), q.question
+        if q.question.startswith(("Is the ", "Are the ")) and q.question.split()[2] != "video":
+            assert plural == q.question.startswith("Are"), q.question
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a blue square spins", "Does the blue square spin?"),
+    ("a red circle moves from left to right", "Does the red circle move from left to right?"),
+    ("A golden retriever runs back and forth on a snowy street", "Does the golden retriever run back and forth?"),
+    ("a golden retriever runs on a snowy street", "Is the street snowy?"),
+    ("A bus stops in front of a school", "Does the bus stop in front of a school?"),
+    ("Three red apples fall from a tree", "Are the apples red?"),
+    ("A goldfish swims in a glass bowl", "Does the goldfish swim in a glass bowl?"),
+])
+def test_questions_read_as_a_person_would_write_them(prompt, expected):
+    assert expected in [q.question for q in questions(prompt, max_per_dimension=10)]
+
+
+def test_the_known_bad_outputs_are_gone():
+    assert names("a blue square spins") == ["blue square"]
+    asked = [q.question for q in questions("a blue square spins", max_per_dimension=10)]
+    assert not any("spins" in q for q in asked)
+    assert names("a golden retriever runs on a snowy street") == ["golden retriever", "snowy street"]
+    assert not any(q.endswith("from left?") for q in texts("a red circle moves from left to right", "dynamic_degree"))
 
 
 # ---- entity extraction --------------------------------------------------------------------------
@@ -99,9 +182,10 @@ def test_people_clothing_animals_and_scene_with_actions():
     assert woman.kind == "subject" and woman.attributes == ("young",)
     assert woman.actions and woman.actions[0].split()[0] == "walks"
     assert entity(prompt, "red coat").attributes == ("red",)
-    assert entity(prompt, "golden retriever").actions == ()
+    retriever = entity(prompt, "golden retriever")
+    assert retriever.actions == () and retriever.attributes == ()  # a breed: golden is part of the name
     assert entity(prompt, "snowy street").kind == "scene"  # "dusk" is a time, not an entity
-    assert "Does the young woman visibly walk her golden retriever?" in texts(prompt, "dynamic_degree")
+    assert "Does the young woman walk her golden retriever?" in texts(prompt, "dynamic_degree")
 
 
 def test_plural_subject_with_a_count_and_a_bare_verb():
@@ -109,7 +193,7 @@ def test_plural_subject_with_a_count_and_a_bare_verb():
     horses = entity(prompt, "two horses")
     assert horses.actions == ("gallop across a green meadow",)
     assert "Does the video show exactly two horses?" in texts(prompt, "text_alignment")
-    assert "Do the two horses visibly gallop across a green meadow?" in texts(prompt, "dynamic_degree")
+    assert "Do the two horses gallop across a green meadow?" in texts(prompt, "dynamic_degree")
     assert entity(prompt, "camera").kind == "camera"
 
 
@@ -146,7 +230,7 @@ def test_camera_motion_stays_in_the_cap_next_to_the_main_action():
     assert entity(prompt, "pigeons").actions == ("fly past it",)
     dynamic = texts(prompt, "dynamic_degree")
     assert "Does the camera zoom in on an old clock tower?" in dynamic
-    assert "Do the pigeons visibly fly past it?" in dynamic
+    assert "Do the pigeons fly past it?" in dynamic
 
 
 def test_physics_prompts_ask_about_gravity_for_the_moving_object():
@@ -156,7 +240,7 @@ def test_physics_prompts_ask_about_gravity_for_the_moving_object():
     assert "Does the motion of the water follow gravity and momentum?" in texts(prompt, "factual_consistency")
     assert entity(PROMPTS[6], "hot coffee").actions == ("spills onto the counter",)  # "it" is the coffee
     factual = texts(PROMPTS[6], "factual_consistency", "chef")
-    assert "Does the chef move in a physically plausible way?" in factual  # a person pours; no gravity question
+    assert "Does the chef move smoothly, without jumping?" in factual  # a person pours; no gravity question
 
 
 def test_duplicates_merge_and_prompt_order_is_kept():
@@ -241,3 +325,30 @@ def test_wrong_argument_types_are_errors():
             TemplateGenerator(max_per_dimension=bad)
     with pytest.raises(TypeError):
         TemplateGenerator(4)  # keyword-only
+
+
+# ---- the shipped tiny evaluator on template questions --------------------------------------------
+
+
+def test_tiny_evaluator_with_template_questions_ranks_clean_clips_above_frozen_ones(tmp_path):
+    """The synthetic world's prompts asked with template questions (not its own bank): the clean clip beats the
+    frozen one in every scene, by its motion questions, and most other defective clips too."""
+    from finger_reward import FingerReward, synthetic
+    from finger_reward.trainers import tiny_evaluator
+
+    # the world tests/test_tiny_evaluator.py draws (seeded, so the comparison is exact, not a sample)
+    world = synthetic.make_world(tmp_path, num_scenes=6, seed=2024, **tiny_evaluator.CLIP)
+    reward = FingerReward.from_pretrained("tiny", question_generator=TemplateGenerator())
+    results = reward.score([c.path for c in world.clips], [c.prompt for c in world.clips])
+    by_scene: dict = {}
+    for clip, result in zip(world.clips, results):
+        assert result.ok, result.error
+        by_scene.setdefault(clip.prompt, {})[clip.defect] = result
+    wins = 0
+    for prompt, of in by_scene.items():
+        asked = {q.question for q in of[None].questions}
+        assert not any("from left?" in q or "from top?" in q for q in asked), asked
+        assert of[None].overall > of["frozen"].overall, (prompt, of[None].overall, of["frozen"].overall)
+        assert of[None].dimensions["dynamic_degree"] > of["frozen"].dimensions["dynamic_degree"] + 0.3, prompt
+        wins += sum(of[None].overall > result.overall for defect, result in of.items() if defect)
+    assert wins >= 0.8 * 5 * len(by_scene), f"clean above defective in {wins} of {5 * len(by_scene)} pairs"

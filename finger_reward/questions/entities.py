@@ -77,6 +77,17 @@ SHOT_WORDS = _words("shot close-up closeup timelapse time-lapse pov dolly zoom")
 SHOT_HEADS_WITH_MODIFIER = _words("view angle pan")
 SHOT_MODIFIERS = _words("aerial overhead top-down bird's birds-eye bird's-eye drone wide low high side "
                         "first-person panoramic slow fast tracking camera")
+# Adjectives that are also nouns: "a blue square spins" names a square.
+NOUN_ADJECTIVES = _words("square orange gold silver")
+# Names whose first word only looks like an attribute: a golden retriever need not look golden.
+COMPOUND_NOUNS = frozenset((
+    "golden retriever", "golden retrievers", "polar bear", "polar bears", "red panda", "red pandas",
+    "brown bear", "black bear", "blue whale", "great white shark", "hot dog", "hot dogs", "hot air balloon",
+    "hot air balloons", "red carpet", "green tea", "black hole", "white house", "milky way", "grizzly bear",
+))
+# Words of a direction given whole: "from left to right", "back and forth", "from one side to the other".
+DIRECTION_WORDS = _words("left right top bottom up down side front back one other north south east west "
+                         "center centre middle forth fro inside outside")
 MAX_NAME_WORDS = 4
 
 _QUOTE = re.compile(r'"([^"]*)"|“([^”]*)”|‘([^’]*)’|(?<!\w)\'([^\']*)\'(?!\w)')
@@ -121,9 +132,13 @@ def _is_word(tok: str | None) -> bool:
     return tok is not None and not _is_quote(tok) and tok[0].isalnum()
 
 
+LY_WORDS = _words("family belly jelly holly bully italy assembly lonely lovely friendly ugly silly holy lively "
+                  "chilly curly woolly wooly hilly oily bubbly sparkly wrinkly prickly")
+
+
 def _is_adverb(tok: str | None) -> bool:
     return tok in ADVERBS or (_is_word(tok) and tok.endswith("ly") and len(tok) > 4 and not tok.endswith("fly")
-                              and tok not in ("family", "belly", "jelly", "holly", "bully", "italy", "assembly"))
+                              and tok not in LY_WORDS and tok not in ADJECTIVES)
 
 
 _STOP = DETERMINERS | PREPOSITIONS | CONJUNCTIONS | PRONOUNS | AUX
@@ -135,7 +150,7 @@ def _is_content(tok: str | None) -> bool:
 
 
 def _is_adjective(word: str) -> bool:
-    return word in ADJECTIVES or word.endswith(("ful", "ous", "less", "ish"))
+    return word in ADJECTIVES or (word.endswith(("ful", "ous", "less", "ish")) and not word.endswith("fish"))
 
 
 def _third_person(base: str) -> str:
@@ -219,7 +234,8 @@ def _add_phrase(found: _Found, words: list[str], intro: str | None) -> str | Non
     if intro in PREPOSITIONS and words[-1] in TIME_WORDS | PLACE_WORDS:
         return None
     scene = intro in SCENE_PREPOSITIONS and words[-1] not in WEARABLES
-    return found.add(" ".join(words), "scene" if scene else "subject", [w for w in words[:-1] if _is_adjective(w)])
+    fixed = next((k for k in range(len(words)) if " ".join(words[k:]) in COMPOUND_NOUNS), len(words) - 1)
+    return found.add(" ".join(words), "scene" if scene else "subject", [w for w in words[:fixed] if _is_adjective(w)])
 
 
 def _is_verb(tokens: list[str], i: int, in_phrase: bool, ready: int, plural: bool) -> bool:
@@ -269,8 +285,27 @@ def _verbish(tok: str) -> bool:
     return tok in VERB_S or tok in VERB_PAST or (tok.endswith("ing") and tok not in ING_NOUNS)
 
 
+def _direction_end(tokens: list[str], j: int) -> int:
+    """Index after a whole direction starting at j ("from left to right", "back and forth"), else j."""
+    k = j + 1 if _at(tokens, j) == "from" else j
+    sides = []
+    for joiner in ("to", "and", None):
+        first = k
+        while _at(tokens, k) in DIRECTION_WORDS or (_at(tokens, k) == "the" and _at(tokens, k + 1) in DIRECTION_WORDS):
+            k += 1
+        sides.append(k > first)
+        if joiner is None or _at(tokens, k) not in ("to", "and"):
+            break
+        k += 1
+    return k if len(sides) == 2 and all(sides) else j
+
+
 def _action_phrase(tokens: list[str], start: int, end: int) -> str:
-    """The verb with its particles plus one short complement: a pronoun, or [preposition] noun phrase."""
+    """The verb with its particles plus one short complement: a whole direction, a pronoun, or [preposition]
+    noun phrase."""
+    direction = _direction_end(tokens, start + 1)
+    if direction > start + 1:
+        return " ".join(tokens[start:direction])
     words, j = tokens[start:end], end
     if _at(tokens, j) in PRONOUNS:
         return " ".join(words + [tokens[j]])
@@ -280,6 +315,10 @@ def _action_phrase(tokens: list[str], start: int, end: int) -> str:
     while _is_content(_at(tokens, j + len(phrase))) and not _verbish(tokens[j + len(phrase)]) and len(phrase) < 4:
         phrase.append(tokens[j + len(phrase)])
     content, after = [w for w in phrase if w not in DETERMINERS], _at(tokens, j + len(phrase))
+    if prep and content and content[-1] in PLACE_WORDS and after == "of":  # "in front of a school"
+        rest = _action_phrase(["of"] + tokens[j + len(phrase) + 1:], 0, 0).split()
+        if len(rest) > 1:
+            return " ".join(words + prep + phrase + rest)
     if content and len(content) <= 3 and not (_is_content(after) and not _verbish(after)):
         words += prep + phrase
     return " ".join(words)
@@ -295,11 +334,12 @@ def _scan(tokens: list[str], quotes: list[str]) -> _Found:
             plural = partner is not None or is_plural(phrase)
         else:
             plural = found.plural(agent) if agent else is_plural(phrase)
-        nounish = bool(phrase) and not (_is_adjective(phrase[-1]) or phrase[-1] in NUMBERS or phrase[-1].isdigit())
+        nounish = bool(phrase) and (phrase[-1] in NOUN_ADJECTIVES or not (
+            _is_adjective(phrase[-1]) or phrase[-1] in NUMBERS or phrase[-1].isdigit()))
         if _is_verb(tokens, i, nounish, ready, plural):
             last = _add_phrase(found, phrase, intro)
             agent = last if last and intro is None and found.items[last]["kind"] != "scene" else agent
-            end = _particles_end(tokens, i + 1)
+            end = max(_particles_end(tokens, i + 1), _direction_end(tokens, i + 1))
             owner = agent or (last if tok.endswith("ing") else None)
             if owner is None and tok in CAMERA_MOTION_FORMS:
                 owner = found.add("camera", "camera")

@@ -14,6 +14,7 @@ from finger_reward.errors import QuestionError
 from finger_reward.questions.entities import (
     ANIMATE,
     COLOURS,
+    DIRECTION_WORDS,
     Entity,
     NUMBERS,
     PHYSICS_VERBS,
@@ -34,7 +35,7 @@ from finger_reward.questions.record import DIMENSIONS, Question
 # Per kind, one (positive, negative) template pair per dimension, in DIMENSIONS order.
 _PAIRS = MappingProxyType({
     "subject": (
-        ("{Is} the {name} rendered clearly, without blur or distortion?",
+        ("{Is} the {name} clear and free of noise and blur?",
          "{Does} the {name} look deformed, melted or smeared?"),
         ("{Does} the {name} keep the same appearance throughout the video?",
          "{Does} the {name} flicker or change identity between frames?"),
@@ -48,7 +49,7 @@ _PAIRS = MappingProxyType({
         ("Is the {name} sharp and readable?", "Is the {name} blurred or smeared?"),
         ("Does the {name} stay the same from frame to frame?",
          "Do the letters of the {name} change or flicker between frames?"),
-        ("Does the {name} appear smoothly, without jumping around?",
+        ("Does the {name} appear smoothly, without jumping?",
          "Does the {name} jitter or jump around the frame?"),
         ("Does the video show the {name} spelled correctly?", "Is the {name} garbled or misspelled?"),
         ("Does the {name} sit naturally on its surface, following its perspective?",
@@ -70,7 +71,7 @@ _PAIRS = MappingProxyType({
         ("Does the {name} move smoothly, without sudden jumps or cuts?",
          "Does the {name} view jump or cut abruptly between frames?"),
         ("Does the {name} move steadily and purposefully?", "Does the {name} shake or jump erratically?"),
-        ("Does the {name} framing and movement match what the prompt asks for?",
+        ("Does the {name} frame and move the shot as the prompt describes?",
          "Does the {name} frame or move differently from what the prompt asks?"),
         ("Does the perspective stay consistent as the {name} moves?",
          "Does the scene warp or bend unnaturally as the {name} moves?"),
@@ -104,39 +105,59 @@ def _is_shot(action: str) -> bool:
     return action.split()[-1] in SHOT_WORDS | SHOT_HEADS_WITH_MODIFIER
 
 
+def _is_direction(action: str) -> bool:
+    """Whether an action goes somewhere given whole: "moves from left to right", "runs back and forth"."""
+    words = action.split()
+    return any(words[i] in ("to", "and") and words[i - 1] in DIRECTION_WORDS and words[i + 1] in DIRECTION_WORDS | {"the"}
+               for i in range(1, len(words) - 1))
+
+
 def _action_question(entity: Entity, action: str) -> str:
     """A positive dynamic-degree question asking whether the entity performs one of its actions."""
     verb, _, rest = action.partition(" ")
     rest = f" {rest}" if rest else ""
     if entity.kind == "camera" and _is_shot(action):
         return f"Does the camera use {'an' if action[0] in 'aeiou' else 'a'} {action}, as the prompt asks?"
-    visibly = "" if entity.kind == "camera" else " visibly"
     if verb.endswith("ing"):
-        return _fill("{Is} the {name}{visibly} {action}?", entity, visibly=visibly, action=action)
+        return _fill("{Is} the {name} {action}?", entity, action=action)
     if verb in VERB_PAST or (verb.endswith("ed") and verb not in VERB_BASES):
         return f"Does the video show that the {entity.name} {action}?"
     if verb in VERB_S or (verb not in VERB_BASES and looks_third_person(verb)):
-        return f"Does the {entity.name}{visibly} {base_form(verb)}{rest}?"
-    return _fill("{Does} the {name}{visibly} {action}?", entity, visibly=visibly, action=action)
+        return f"Does the {entity.name} {base_form(verb)}{rest}?"
+    return _fill("{Does} the {name} {action}?", entity, action=action)
+
+
+def _head(entity: Entity) -> str:
+    """The entity's name without its attributes and count: "three red apples" -> "apples"."""
+    words = [w for w in entity.name.split() if w not in entity.attributes and w not in NUMBERS and not w.isdigit()]
+    return " ".join(words) or entity.name
+
+
+def _attribute_question(entity: Entity, attribute: str) -> str:
+    """Whether the entity has an attribute the prompt gives it, as a person asks: "Is the street snowy?"."""
+    head = _head(entity)
+    return f"{'Are' if is_plural(entity.name.split()) else 'Is'} the {head} {attribute}?"
 
 
 def _positives(entity: Entity, dimension: str, template: str) -> list[str]:
     """The entity's positive questions in one dimension, the main one first; `template` is the default."""
     words, default = entity.name.split(), _fill(template, entity)
     if dimension == "dynamic_degree" and entity.actions:
-        return [_action_question(entity, a) for a in entity.actions]
+        across = [_fill("{Does} the {name} move across the frame?", entity)] if any(
+            entity.kind == "subject" and _is_direction(a) for a in entity.actions) else []
+        return [_action_question(entity, a) for a in entity.actions] + across
     if dimension == "text_alignment" and entity.kind in ("subject", "scene"):
         main = f"Does the video show exactly {entity.name}?" if words[0] in NUMBERS or words[0].isdigit() else default
-        return [main] + [_fill("{Does} the {name} look {a}, as the prompt describes?", entity, a=a)
-                         for a in entity.attributes]
+        return [main] + [_attribute_question(entity, a) for a in entity.attributes]
     if dimension == "temporal_consistency" and entity.kind == "subject":
-        return [default] + [_fill("{Does} the {name} stay {a} throughout the video?", entity, a=a)
-                            for a in entity.attributes if a in COLOURS]
+        coloured = any(a in COLOURS for a in entity.attributes)
+        return [_fill("{Does} the {name} keep the same colour throughout the video?", entity) if coloured
+                else default]
     if dimension == "factual_consistency" and entity.kind == "subject":
         verbs = {base_form(a.split()[0]) if a.split()[0] in VERB_S else a.split()[0] for a in entity.actions}
         physics = verbs & PHYSICS_VERBS and words[-1] not in ANIMATE
         main = ("Does the motion of the {name} follow gravity and momentum?" if physics
-                else "{Does} the {name} move in a physically plausible way?" if entity.actions else template)
+                else "{Does} the {name} move smoothly, without jumping?" if entity.actions else template)
         body = "{Does} the {name} have a plausible body, with the right number of limbs?"
         extra = [body] if words[-1] in ANIMATE else []
         return [_fill(t, entity) for t in [main] + extra]
@@ -150,7 +171,11 @@ def _entity_questions(entity: Entity, dimension: str) -> list[tuple[str, bool]]:
     if dimension == "dynamic_degree" and entity.kind == "camera" and not all(map(_is_shot, entity.actions)):
         neg = "Does the camera stay fixed instead of moving?"
     elif dimension == "dynamic_degree" and entity.kind == "subject" and entity.actions:
-        neg = _fill("{Does} the {name} stay frozen instead of moving?", entity)
+        neg = _fill("{Does} the {name} stay still for the whole video?", entity)
+    elif dimension == "temporal_consistency" and any(a in COLOURS for a in entity.attributes):
+        neg = _fill("{Does} the {name} flicker or change colour?", entity)
+    elif dimension == "factual_consistency" and entity.kind == "subject" and entity.actions:
+        neg = _fill("{Does} the {name} suddenly jump to another position?", entity)
     main, *extra = _positives(entity, dimension, pos)
     return [(main, True), (neg, False)] + [(q, True) for q in extra]
 
