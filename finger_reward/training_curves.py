@@ -110,6 +110,18 @@ def _number(value) -> bool:
 def plot_training(path: str | Path, out: str | Path, *, keys: list[str] | None = None,
                   title: str | None = None) -> list[str]:
     """Write a PNG with one panel per metric against step; returns the metrics plotted."""
+    fig, names = training_figure(path, keys=keys, title=title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png(fig))
+    return names
+
+
+def training_figure(path: str | Path, *, keys: list[str] | None = None, title: str | None = None):
+    """The figure `plot_training` saves and the metrics on it: one panel per metric, whole steps on the x axis
+    (a run of three steps has no tick at step 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
     rows = read_training_log(path)
     names = curve_keys(rows, keys)
     if not names:
@@ -124,10 +136,8 @@ def plot_training(path: str | Path, out: str | Path, *, keys: list[str] | None =
             ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title or str(find_log(path)), fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png(fig))
-    return names
+    return fig, names

@@ -14,7 +14,7 @@ from finger_reward.errors import FingerError
 from finger_reward.synthetic import write_video
 from finger_reward.tiny_wan import build_tiny_wan_pipeline
 from finger_reward.training_curves import (
-    curve_keys, find_log, panel_lines, plot_training, read_training_log, training_partner,
+    curve_keys, find_log, panel_lines, plot_training, read_training_log, training_figure, training_partner,
 )
 from finger_reward.trainers.diffusion_dpo import DPORecipe, train
 
@@ -115,3 +115,15 @@ def test_held_out_curves_are_drawn_beside_the_training_reward(tmp_path):
     assert lines["kl"] == [("kl", [1, 2, 3, 4], [0.01] * 4)] and lines["eval/extra"] == [("eval/extra", [0, 2, 4], [1.0, 2.0, 2.0])]
     assert plot_training(tmp_path, tmp_path / "c.png") == names
     assert Image.open(tmp_path / "c.png").format == "PNG"
+
+
+def test_steps_on_the_x_axis_are_whole_numbers(tmp_path):
+    """Three logged steps: matplotlib's default locator would put ticks at 1.5 and 2.5; a step is never a fraction."""
+    rows = [{"step": step, "loss": 1.0 / step, "reward_mean": 0.1 * step} for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fig, names = training_figure(tmp_path)
+    assert set(names) == {"loss", "reward_mean"}
+    for ax in fig.axes:
+        if ax.get_visible():
+            ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
