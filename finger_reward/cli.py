@@ -22,8 +22,16 @@ MODEL_ENV = "FINGER_REWARD_MODEL"
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from finger_reward.scorefile import Interrupted
+
     try:
         return args.run(args)
+    except Interrupted as err:
+        print(f"finger-reward: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("finger-reward: interrupted", file=sys.stderr)
+        return 130
     except (FingerError, FileNotFoundError, ImportError) as err:
         print(f"finger-reward: error: {err}", file=sys.stderr)
         return 2
@@ -36,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score videos against a prompt")
     score.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
     score.add_argument("--prompt", required=True, help="the text prompt the videos were generated from")
-    score.add_argument("--questions", required=True, help="question bank JSONL holding the prompt's questions")
+    score.add_argument("--questions", help="question bank JSONL holding the prompt's questions (default: template questions)")
     _add_model_options(score)
     _add_server_options(score)
     score.add_argument("--json", action="store_true", help="print one JSON object per video instead of tables")
@@ -46,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     score_dir.add_argument("video_dir", help="directory the prompts file's video paths are relative to")
     score_dir.add_argument("--prompts", required=True, help='JSONL: {"video": "relative/path.mp4", "prompt": "..."} per line')
     score_dir.add_argument("--questions", help="question bank JSONL (default: template questions)")
-    score_dir.add_argument("--out", required=True, help="results JSONL; videos already in it are skipped")
+    score_dir.add_argument("--out", required=True, help="results JSONL; videos already scored in it are skipped "
+                                                        "(a video is known by its path relative to VIDEO_DIR)")
     score_dir.add_argument("--chunk", type=int, default=16, help="videos per scoring call (results are saved per chunk)")
+    _add_resume_options(score_dir)
     _add_model_options(score_dir)
     _add_server_options(score_dir)
     on_ray = score_dir.add_argument_group("scoring on Ray Data with a pool of model replicas")
@@ -98,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the figures as JSON here")
     evaluate.add_argument("--scores", help="per-video results JSONL; an existing file is resumed (default: next to --out)")
     evaluate.add_argument("--report", help="also write an HTML report with human scores here")
+    _add_resume_options(evaluate)
     _add_model_options(evaluate)
     _add_server_options(evaluate)
     evaluate.set_defaults(run=_eval)
@@ -181,6 +192,30 @@ def _add_model_options(parser: argparse.ArgumentParser, model_required: bool = T
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
 
 
+def _add_resume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+                        help="score again the videos whose rows in the results file failed, replacing those rows "
+                             "(default; --no-retry-failed keeps them)")
+    parser.add_argument("--max-failures", type=_max_failures, default=("share", 0.1), metavar="N|P%",
+                        help="exit 1 when more videos than this fail: a count, or a share such as 10%% (default 10%%); "
+                             "the exit is 1 whenever every video failed")
+
+
+def _max_failures(text: str) -> tuple[str, float]:
+    """A --max-failures value: ("share", P) for 'P%' or a fraction below 1, ("count", N) for a whole number."""
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        value = -1.0
+    if text.strip().endswith("%") and 0 <= value <= 100:
+        return ("share", value / 100)
+    if 0 <= value < 1:
+        return ("share", value)
+    if value >= 1 and value.is_integer():
+        return ("count", value)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a count of videos (e.g. 5) or a share (e.g. 10% or 0.1)")
+
+
 def _add_slowfast_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slowfast", type=_slowfast, nargs="?", const=SLOWFAST_THRESHOLD, metavar="THRESHOLD",
                         help="Q-Save SlowFast frames: a frame whose patch similarity to the last full-size frame "
@@ -233,7 +268,12 @@ def _load_reward(args, model: str, questions):
     elif getattr(args, "processor", None):
         raise FingerError("--processor checks a server's inputs: it goes with --base-url")
     else:
-        reward = FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
+        try:
+            reward = FingerReward.from_pretrained(model, device=args.device, dtype=args.dtype, **options)
+        except OSError as err:  # transformers / huggingface_hub: no such repo, offline, missing weights
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FingerError(f"--model {model}: cannot be loaded ({first}); expected a checkpoint directory "
+                              "(config.json and weights) or a Hugging Face hub id") from None
     if reward.video_options["slowfast"] is not None:
         _log_info_to_stderr("finger_reward.reward")  # its per-video SlowFast token counts
     return reward
@@ -263,48 +303,168 @@ def _log_info_to_stderr(name: str) -> None:
     log.setLevel(logging.INFO)
 
 
-def _score(args) -> int:
+def _check_model(args) -> None:
+    """Refuse, before anything loads, a --model that cannot be a checkpoint and a --device this machine lacks."""
     if not args.model:
         raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
-    reward = _load_reward(args, args.model, args.questions)
+    if getattr(args, "base_url", None):
+        return  # the served model's name: the server checks it
+    _check_model_path(args.model)
+    if args.device:
+        _check_device(args.device)
+
+
+def _check_model_path(model: str) -> None:
+    if model in ("tiny", "random"):
+        return
+    path = Path(model).expanduser()
+    expected = "expected a checkpoint directory (config.json and weights) or a Hugging Face hub id"
+    if path.is_file():
+        raise FingerError(f"--model {model}: is a file; {expected}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FingerError(f"--model {model}: directory has no config.json, so it is not a checkpoint; {expected}")
+        return
+    hub_like = not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") <= 1 and \
+        all(part and all(c.isalnum() or c in "-_." for c in part) for part in model.split("/"))
+    if not hub_like:
+        raise FingerError(f"--model {model}: no such directory; {expected}")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise FingerError(f"--model {model}: no such local directory, and the hub id is not in the Hugging Face "
+                              f"cache while offline (HF_HUB_OFFLINE); {expected}")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FingerError(f"--device {device}: not a device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FingerError(f"--device {device}: no CUDA GPU is visible on this machine "
+                              "(torch.cuda.is_available() is False); expected --device cpu, or leave --device out")
+        if parsed.index is not None and parsed.index >= count:
+            raise FingerError(f"--device {device}: this machine has {count} CUDA GPU(s); expected cuda:0 to "
+                              f"cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise FingerError(f"--device {device}: MPS is not available on this machine; expected --device cpu")
+
+
+def _read_questions(path: str | None, fixed=None):
+    """The question bank at `path` read now (before any model loads), or None for template questions;
+    says once on stderr which questions the command uses."""
+    from finger_reward.questions import QuestionBank
+
+    if fixed is not None:
+        print(f"finger-reward: questions: the benchmark's own ({len(fixed.prompts)} prompt(s))", file=sys.stderr)
+        return fixed
+    if path is None:
+        print("finger-reward: questions: template generator (no --questions given)", file=sys.stderr)
+        return None
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "not found"
+        raise FingerError(f"--questions {path}: {what}; expected a question bank JSONL "
+                          "(finger-reward questions --prompts PROMPTS --out BANK writes one)")
+    bank = QuestionBank.from_jsonl(path)
+    print(f"finger-reward: questions: {path} ({len(bank.prompts)} prompt(s))", file=sys.stderr)
+    return bank
+
+
+def _check_video_root(root, option: str, expected: str) -> None:
+    if not Path(root).is_dir():
+        what = "is a file" if Path(root).exists() else "no such directory"
+        raise FingerError(f"{option} {root}: {what}; expected {expected}")
+
+
+def _score(args) -> int:
+    _check_model(args)
+    questions = _read_questions(args.questions)
+    reward = _load_reward(args, args.model, questions)
     return _report(reward.score(args.videos, args.prompt), as_json=args.json)
 
 
 def _score_dir(args) -> int:
-    from finger_reward.scorefile import score_to_file
+    from finger_reward.scorefile import Progress, score_to_file
 
-    if not args.model:
-        raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
+    _check_video_root(args.video_dir, "VIDEO_DIR", "the directory the prompts file's video paths are relative to")
     keys = read_video_prompts(args.prompts, args.video_dir)
+    _check_model(args)
+    questions = _read_questions(args.questions)
+    progress = Progress()
     if args.ray is not None:
-        results = _score_dir_on_ray(args, keys)
+        _score_dir_on_ray(args, keys, questions, progress)
     else:
         ray_only = [name for name in ("workers", "gpus_per_worker", "cpus_per_worker") if getattr(args, name) is not None]
         if ray_only:
             raise FingerError(f"--{ray_only[0].replace('_', '-')} is an option of --ray: add --ray or drop it")
-        results = score_to_file(_load_reward(args, args.model, args.questions), keys, args.out, chunk=args.chunk)
-    failed = [key for key in keys if not results[key].ok]
-    for video, _ in failed:
-        print(f"finger-reward: error: {results[(video, _)].error}", file=sys.stderr)
-    print(f"{len(keys) - len(failed)} of {len(keys)} video(s) scored; results in {args.out}", file=sys.stderr)
-    return 1 if failed else 0
+        score_to_file(_load_reward(args, args.model, questions), keys, args.out, root=args.video_dir,
+                      retry_failed=args.retry_failed, chunk=args.chunk, progress=progress)
+    hint = f"the prompts file's video paths are read relative to VIDEO_DIR ({args.video_dir})"
+    return _summarise(progress, args.out, args.max_failures, hint)
 
 
-def _score_dir_on_ray(args, keys):
-    """`score-dir --ray`: every Ray actor builds its reward as `_load_reward` does, with the bank read here."""
+def _score_dir_on_ray(args, keys, bank, progress):
+    """`score-dir --ray`: every Ray actor builds its reward as `_load_reward` does, with the bank read here.
+
+    The file is prepared here (keys relative to VIDEO_DIR, failed rows dropped for a retry), then
+    Ray scores only what is left."""
     import functools
 
     from finger_reward.offline import score_on_ray
-    from finger_reward.questions import QuestionBank
+    from finger_reward.scorefile import pending
 
     if args.base_url:
         raise FingerError("--ray runs model replicas and --base-url scores through one server: pass one of them")
     _log_info_to_stderr("finger_reward.offline")  # the pool it starts, and how many videos each worker scored
-    bank = QuestionBank.from_jsonl(args.questions) if args.questions else None
+    done, todo = pending(keys, args.out, root=args.video_dir, retry_failed=args.retry_failed)
     load = functools.partial(_load_reward, args, args.model, bank)
-    return score_on_ray(keys, args.out, load, address=args.ray or None, workers=args.workers,
-                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker or 1.0,
-                        batch_size=args.chunk)
+    results = score_on_ray(todo, args.out, load, address=args.ray or None, workers=args.workers,
+                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker or 1.0,
+                           batch_size=args.chunk) if todo else {}
+    progress.total = len(dict.fromkeys(keys))
+    progress.skipped = sum(result.ok for result in done.values())
+    progress.failed.update({key: result.error for key, result in done.items() if not result.ok})
+    for key in todo:
+        if key in results and results[key].ok:
+            progress.scored += 1
+        elif key in results:
+            progress.failed[key] = results[key].error
+
+
+def _error_kind(error: str) -> str:
+    """The kind of a video's error, without the file's name: 'file not found', 'not a video file', ..."""
+    problem = error.split(": ", 1)[1] if error.startswith("video ") and ": " in error else error
+    return problem.split(" (")[0].split(": ")[0].strip()
+
+
+def _summarise(progress, out, max_failures: tuple[str, float], hint: str) -> int:
+    """The last lines of score-dir and eval: counts, the first error of each kind, and the exit status
+    (1 when every video failed, or more than --max-failures)."""
+    kinds: dict[str, tuple[int, str]] = {}
+    for error in progress.failed.values():
+        count, first = kinds.get(_error_kind(error), (0, error))
+        kinds[_error_kind(error)] = (count + 1, first)
+    for kind, (count, first) in kinds.items():
+        print(f"finger-reward: error: {count} x {kind}; the first: {first}", file=sys.stderr)
+    if "file not found" in kinds:
+        print(f"finger-reward: hint: {hint}", file=sys.stderr)
+    failed = len(progress.failed)
+    print(f"finger-reward: {progress.scored} scored, {failed} failed, {progress.skipped} skipped (already scored) "
+          f"of {progress.total} video(s); results in {out}", file=sys.stderr)
+    how, limit = max_failures
+    allowed = limit * progress.total if how == "share" else limit
+    return 1 if failed and (progress.scored + progress.skipped == 0 or failed > allowed) else 0
 
 
 def read_video_prompts(path: str | Path, video_dir: str | Path) -> list[tuple[str, str]]:
@@ -324,6 +484,7 @@ def _demo(args) -> int:
     from finger_reward import synthetic
     from finger_reward.tiny import make_tiny_model
 
+    _check_model(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="finger-demo-"))
     # Clips as the tiny evaluator saw in training: 8 frames at 2 fps, every frame sampled.
     world = synthetic.make_world(out, num_scenes=1, num_frames=8, fps=2.0, seed=args.seed)
@@ -423,6 +584,8 @@ def _serve(args) -> int:
         raise FingerError(str(err)) from None
     if not config.model:
         raise FingerError("no model given: pass --model PATH or set model: in --config")
+    _check_model_path(str(config.model))
+    _read_questions(config.questions)  # a bad path fails here, before the model loads
     if config.replicas:
         from finger_reward.serve.ray_app import run_ray
 
@@ -441,14 +604,22 @@ def _eval(args) -> int:
     from finger_reward.evaluation.loaders import load_benchmark
     from finger_reward.evaluation.tables import load_video_map
 
-    if not args.model:
-        raise FingerError(f"no model given: pass --model PATH or set ${MODEL_ENV}")
+    from finger_reward.scorefile import Progress
+
+    if args.video_root is not None:
+        _check_video_root(args.video_root, "--video-root", "the directory the data file's video paths are relative to")
     video_map = load_video_map(args.video_map) if args.video_map else None
     bench = load_benchmark(args.benchmark, args.data, args.video_root, video_map=video_map)
+    _check_model(args)
     scores_path = Path(args.scores or (Path(args.out).with_suffix(".scores.jsonl") if args.out
                                        else Path(tempfile.mkdtemp(prefix="finger-eval-")) / "scores.jsonl"))
-    reward = _load_reward(args, args.model, ev.benchmark_bank(bench) or args.questions)
-    figures = ev.agreement(bench, ev.score_benchmark(reward, bench, scores_path))
+    questions = _read_questions(args.questions, fixed=ev.benchmark_bank(bench))
+    reward = _load_reward(args, args.model, questions)
+    root = args.video_root if args.video_root is not None else Path(args.data).parent
+    progress = Progress()
+    scored = ev.score_benchmark(reward, bench, scores_path, root=root, retry_failed=args.retry_failed,
+                                progress=progress)
+    figures = ev.agreement(bench, scored)
     figures["scores"] = str(scores_path)
     print(ev.format_table(figures))
     if args.out:
@@ -457,12 +628,11 @@ def _eval(args) -> int:
         from finger_reward.report import write_report
 
         human = ev.human_by_video(bench)
-        from finger_reward.scorefile import load_scores
-
-        scored = load_scores(scores_path)
         write_report([(result, human.get(key)) for key, result in scored.items()], args.report,
                      summary=ev.format_table(figures))
-    return 0
+    hint = (f"the data file's video paths are read relative to {root}"
+            + ("" if args.video_root is not None else " (its folder); pass --video-root DIR where the videos are"))
+    return _summarise(progress, scores_path, args.max_failures, hint)
 
 
 def _report_html(args) -> int:
@@ -530,13 +700,14 @@ def _make_tiny(args) -> int:
 
 
 def _report(results, as_json: bool, details: bool = True) -> int:
-    """Print results (JSON lines, or tables); failures go to stderr, one line each, and exit 1."""
+    """Print results (a JSON line per video, failed ones with `error`, or tables); failures also go to
+    stderr, one line each, and exit 1."""
     for result in results:
+        if as_json:  # a row for every input; a failed one carries its error
+            print(json.dumps(json_safe(result.to_dict()), allow_nan=False))
         if not result.ok:
             print(f"finger-reward: error: {result.error}", file=sys.stderr)
-        elif as_json:
-            print(json.dumps(json_safe(result.to_dict()), allow_nan=False))
-        elif details:
+        elif details and not as_json:
             print(format_table(result))
     scored = [r for r in results if r.ok]
     if not as_json and scored and (len(scored) > 1 or not details):

@@ -47,7 +47,8 @@ def test_bad_inputs_exit_nonzero_with_one_line(tiny_model_dir, bank_path, mp4_pa
     missing = tmp_path / "nope.mp4"
     done = run("score", mp4_paths[0], missing, "--prompt", PROMPT, "--questions", bank_path, "--model", tiny_model_dir, "--json")
     assert done.returncode == 1
-    assert len(done.stdout.splitlines()) == 1  # the good video is still scored
+    rows = [json.loads(line) for line in done.stdout.splitlines()]  # a row for every input, the good one scored
+    assert [r["error"] is None for r in rows] == [True, False] and "file not found" in rows[1]["error"]
     errors = [line for line in done.stderr.splitlines() if line.startswith("finger-reward: error")]
     assert len(errors) == 1 and "nope.mp4" in errors[0] and "file not found" in errors[0]
 
@@ -147,7 +148,7 @@ def test_score_dir_resumes_after_a_kill(tiny_model_dir, bank_path, mp4_paths, tm
     out = tmp_path / "results.jsonl"
     args = ["score-dir", root, "--prompts", prompts, "--questions", bank_path, "--model", tiny_model_dir, "--out", out, "--chunk", "2"]
     done = run(*args)
-    assert done.returncode == 1 and "missing.mp4" in done.stderr and "3 of 4 video(s) scored" in done.stderr
+    assert done.returncode == 1 and "missing.mp4" in done.stderr and "3 scored, 1 failed, 0 skipped" in done.stderr
     lines = out.read_text().splitlines()
     assert len(lines) == 4
     direct = FingerReward.from_pretrained(tiny_model_dir, questions=bank_path).score(mp4_paths, PROMPT)
@@ -167,3 +168,49 @@ def test_score_dir_resumes_after_a_kill(tiny_model_dir, bank_path, mp4_paths, tm
     bad.write_text('{"video": "a.mp4"}\n')
     done = run("score-dir", root, "--prompts", bad, "--model", tiny_model_dir, "--out", tmp_path / "x.jsonl")
     assert done.returncode == 2 and "bad.jsonl, line 1" in done.stderr
+
+
+def test_score_without_questions_uses_the_template_generator_and_says_so(tiny_model_dir, mp4_paths):
+    done = run("score", mp4_paths[0], "--prompt", PROMPT, "--model", tiny_model_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("questions: template generator") == 1
+    assert json.loads(done.stdout)["questions"]
+
+
+def one_line_error(done, *needles):
+    """Exit 2 with one error line naming every needle, no traceback, and no model loaded."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finger-reward: error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def test_bad_model_device_questions_and_root_fail_in_one_line_before_loading(tiny_model_dir, bank_path, mp4_paths,
+                                                                              tmp_path):
+    import os
+
+    score = ["score", mp4_paths[0], "--prompt", PROMPT]
+    one_line_error(run(*score, "--model", tmp_path / "no-such-model"), "no-such-model", "no such directory",
+                   "expected a checkpoint directory")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run(*score, "--model", tmp_path / "empty"), "empty", "no config.json")
+    one_line_error(run(*score, "--model", bank_path), "bank.jsonl", "is a file")
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    one_line_error(run(*score, "--model", "nobody-here/no-such-model-17", env=offline),
+                   "nobody-here/no-such-model-17", "offline")
+    one_line_error(run(*score, "--model", tiny_model_dir, "--device", "gpu"), "--device gpu", "expected cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        one_line_error(run(*score, "--model", tiny_model_dir, "--device", "cuda"), "--device cuda", "no CUDA GPU")
+    one_line_error(run(*score, "--model", tiny_model_dir, "--questions", tmp_path / "none.jsonl"),
+                   "none.jsonl", "not found", "expected a question bank")
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"video": "a.mp4", "prompt": PROMPT}) + "\n")
+    one_line_error(run("score-dir", tmp_path / "no-root", "--prompts", prompts, "--model", tiny_model_dir,
+                       "--out", tmp_path / "r.jsonl"), "no-root", "no such directory", "expected the directory")
+    one_line_error(run("eval", "--benchmark", "finger", "--data", prompts, "--video-root", tmp_path / "no-root",
+                       "--model", tiny_model_dir), "--video-root", "no-root", "no such directory")

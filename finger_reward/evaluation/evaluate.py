@@ -18,7 +18,7 @@ from finger_reward import metrics
 from finger_reward.evaluation.loaders import Benchmark, human_scores
 from finger_reward.questions import DIMENSIONS, QuestionBank
 from finger_reward.results import VideoScore
-from finger_reward.scorefile import Key, score_to_file
+from finger_reward.scorefile import Key, Progress, score_to_file
 
 
 # The human-label columns of the published pair benchmarks, and the FingER score each is compared with.
@@ -50,9 +50,13 @@ def benchmark_bank(bench: Benchmark) -> QuestionBank | None:
     return QuestionBank(item.question for item in bench.items)
 
 
-def score_benchmark(reward, bench: Benchmark, scores_path: str | Path, *, chunk: int = 16) -> dict[Key, VideoScore]:
-    """Score every (video, prompt) of the benchmark not yet in `scores_path`, appending as it goes."""
-    return score_to_file(reward, benchmark_videos(bench), scores_path, chunk=chunk, desc=f"scoring {bench.name}")
+def score_benchmark(reward, bench: Benchmark, scores_path: str | Path, *, chunk: int = 16,
+                    root: str | Path | None = None, retry_failed: bool = True,
+                    progress: Progress | None = None) -> dict[Key, VideoScore]:
+    """Score every (video, prompt) of the benchmark not yet in `scores_path`, appending as it goes;
+    videos are known by their path relative to `root` (`scorefile.video_key`), failed ones retried."""
+    return score_to_file(reward, benchmark_videos(bench), scores_path, root=root, retry_failed=retry_failed,
+                         chunk=chunk, desc=f"scoring {bench.name}", progress=progress)
 
 
 def agreement(bench: Benchmark, scores: dict[Key, VideoScore]) -> dict:
