@@ -445,6 +445,7 @@ def _score_dir_on_ray(args, keys, bank, progress):
 def _error_kind(error: str) -> str:
     """The kind of a video's error, without the file's name: 'file not found', 'not a video file', ..."""
     problem = error.split(": ", 1)[1] if error.startswith("video ") and ": " in error else error
+    problem = problem.removeprefix("cannot be decoded: ")
     return problem.split(" (")[0].split(": ")[0].strip()
 
 
@@ -688,7 +689,9 @@ def _synthetic(args) -> int:
                                  num_frames=args.frames, fps=args.fps, balanced=args.balanced, seed=args.seed,
                                  progress=True)
     print(f"{len(world.clips)} clips in {Path(args.out_dir) / 'videos'}; bank {world.bank_path}; "
-          f"instruct {world.instruct_path}")
+          f"instruct {world.instruct_path}; prompts {world.prompts_path}")
+    print(f"score them: finger-reward score-dir {args.out_dir} --prompts {world.prompts_path} --model tiny "
+          f"--out {Path(args.out_dir) / 'results.jsonl'}")
     return 0
 
 

@@ -10,6 +10,7 @@ reason) for tests and training.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,6 +298,7 @@ class World:
     clips: list[SyntheticClip]
     bank_path: Path
     instruct_path: Path
+    prompts_path: Path | None = None  # {"video", "prompt"} per clip, as `finger-reward score-dir` reads it
 
 
 def make_world(
@@ -312,10 +314,16 @@ def make_world(
     clips_per_scene: int = 1,
     balanced: bool = False,
     progress: bool = False,
+    relative_paths: bool | None = None,
 ) -> World:
-    """Render and encode `clips_per_scene` clips per (scene, defect); write the question bank and instruct JSONL.
+    """Render and encode `clips_per_scene` clips per (scene, defect); write the question bank, the instruct
+    JSONL and `prompts.jsonl` (one {"video", "prompt"} line per clip, for `finger-reward score-dir OUT_DIR`).
 
     With `balanced=True` the instruct JSONL is `balance_answers` of all (clip, question) lines, for training.
+    The instruct JSONL's videos are relative to `out_dir` with `relative_paths=True` (the folder can move;
+    readers resolve them against the file's folder), else absolute; the default (None) is relative when
+    `out_dir` is given relative, since a path relative to the caller's folder would not resolve from the
+    file's. `prompts.jsonl`'s videos are always relative to `out_dir`, which score-dir joins them to.
     """
     from tqdm.auto import tqdm
 
@@ -339,10 +347,13 @@ def make_world(
                     clips.append(SyntheticClip(path=path, scene=scene, defect=defect, seed=clip_seed))
                     bar.update()
     bank_path = QuestionBank([q for scene in scenes for q in questions_for(scene)]).to_jsonl(out_dir / "questions.jsonl")
-    rows = _instruct_rows(clips)
+    relative = not out_dir.is_absolute() if relative_paths is None else relative_paths
+    rows = _instruct_rows(clips, out_dir if relative else None)
     if balanced:
         rows = balance_answers(rows, seed=seed)
-    return World(clips=clips, bank_path=bank_path, instruct_path=_write_jsonl(rows, out_dir / "instruct.jsonl"))
+    prompts = [{"video": _video_field(c.path, out_dir), "prompt": c.prompt} for c in clips]
+    return World(clips=clips, bank_path=bank_path, instruct_path=_write_jsonl(rows, out_dir / "instruct.jsonl"),
+                 prompts_path=_write_jsonl(prompts, out_dir / "prompts.jsonl"))
 
 
 def _distinct_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
@@ -358,9 +369,15 @@ def _distinct_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
     return scenes
 
 
-def _instruct_rows(clips: list[SyntheticClip]) -> list[dict]:
+def _video_field(path: Path, root: Path | None) -> str:
+    """A clip's path as a JSONL line gives it: relative to `root` (POSIX separators), or absolute without one."""
+    return path.relative_to(root).as_posix() if root is not None else os.path.abspath(path)
+
+
+def _instruct_rows(clips: list[SyntheticClip], root: Path | None = None) -> list[dict]:
     """FingER-Instruct rows: one per (clip, question) with the question fields, video, answer and reason."""
-    return [{**q.to_dict(), "video": str(clip.path), "answer": answer(q, clip.defect), "reason": reason(q, clip.defect)}
+    return [{**q.to_dict(), "video": _video_field(clip.path, root), "answer": answer(q, clip.defect),
+             "reason": reason(q, clip.defect)}
             for clip in clips for q in questions_for(clip.scene)]
 
 

@@ -192,7 +192,10 @@ def load_video(
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
         reader = _open(video, name)
         indices, sampled_fps = sample_indices(reader.num_frames, reader.fps, fps, max_frames)
-        frames = torch.from_numpy(reader.frames(indices)).permute(0, 3, 1, 2)
+        try:
+            frames = torch.from_numpy(reader.frames(indices)).permute(0, 3, 1, 2)
+        except Exception as err:  # the index promised frames the data does not hold
+            raise VideoError(name, f"cannot be decoded: truncated or corrupt frames ({_clean(err)})") from None
     else:
         frames = frames_from_memory(video, name, value_range)
         if source_fps is None:
@@ -431,6 +434,7 @@ def _open(video: Any, name: str) -> _Reader:
         if len(video) == 0:
             raise VideoError(name, "is empty (0 bytes)")
         source = bytes(video)
+    _probe(source, name)
     errors = []
     for opener in (_open_decord, _open_pyav):
         try:
@@ -439,10 +443,10 @@ def _open(video: Any, name: str) -> _Reader:
             errors.append(str(err))
             continue
         except Exception as err:  # decoders raise their own types for corrupt data
-            errors.append(f"{opener.__name__[6:]}: {err}".strip())
+            errors.append(f"{opener.__name__[6:]}: {_clean(err)}")
             continue
         if reader.num_frames == 0:
-            raise VideoError(name, "has zero frames")
+            raise VideoError(name, "cannot be decoded: 0 frames in its video stream")
         if not math.isfinite(reader.fps) or reader.fps <= 0:
             errors.append(f"{opener.__name__[6:]}: frame rate {reader.fps} is not positive")
             continue
@@ -450,6 +454,60 @@ def _open(video: Any, name: str) -> _Reader:
     if all("No module named" in e for e in errors):
         raise ImportError("decoding video files needs decord or PyAV: pip install 'finger-reward[video]'")
     raise VideoError(name, "cannot be decoded (" + "; ".join(errors) + ")")
+
+
+def _probe(source: Any, name: str) -> None:
+    """Read the container's header with PyAV (its FFmpeg logging off) so that a file that is not a
+    video, has no video stream or lost its index fails with a plain reason, before decord, whose
+    bundled FFmpeg prints to stderr, ever sees it. Without PyAV, decord's errors are cleaned instead."""
+    try:
+        import av
+    except ImportError:
+        return
+    try:
+        with av.open(source if isinstance(source, str) else io.BytesIO(source)) as container:
+            kinds = sorted({stream.type for stream in container.streams})
+            if not container.streams.video:
+                holds = ", ".join(kinds) if kinds else "no streams at all"
+                raise VideoError(name, f"cannot be decoded: no video stream (the file holds: {holds}); expected a video")
+            stream = container.streams.video[0]
+            packets = sum(1 for packet in container.demux(stream) if packet.size)
+            if packets == 0:
+                raise VideoError(name, "cannot be decoded: 0 frames in its video stream")
+            if "mp4" in container.format.name and stream.frames and packets < stream.frames:  # MP4's index counts them
+                raise VideoError(name, f"cannot be decoded: truncated: holds the data of {packets} of its {stream.frames} frames, as "
+                                       "when a download or a write was cut short; expected a complete video file")
+    except av.error.FFmpegError:
+        raise VideoError(name, _unreadable(source)) from None
+
+
+def _unreadable(source: Any) -> str:
+    """Why FFmpeg found no container: a cut-short MP4, text, or bytes of no video format."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            head = f.read(512)
+    else:
+        head = source[:512]
+    if head[4:8] == b"ftyp":
+        return ("cannot be decoded: truncated: an MP4 without its index (moov atom), as when a download or a write was cut short; "
+                "expected a complete video file")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return "cannot be decoded: not a video file (it holds text); expected an encoded video such as .mp4"
+    return "cannot be decoded: not a video file (no container format FFmpeg knows); expected an encoded video such as .mp4"
+
+
+def _clean(err: Exception) -> str:
+    """A decoder's message fit for one log line: its last sentence without native source locations,
+    printable characters only, at most 200 of them (never raw bytes of the video)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if "Check failed" in text or ".cc:" in text:
+        text = text.rsplit("ERROR", 1)[-1].strip(" :") if "ERROR" in text else "internal error"
+    text = "".join(c if c.isprintable() and ord(c) < 0x7F else "?" for c in text)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _open_decord(source: Any) -> _Reader:

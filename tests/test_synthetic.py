@@ -298,3 +298,40 @@ def test_clips_per_scene_renders_distinct_seeded_copies(tmp_path):
     assert len({c.seed for c in world.clips}) == 3
     with pytest.raises(ValueError, match="clips_per_scene"):
         make_world(tmp_path / "bad", num_scenes=1, clips_per_scene=0)
+
+
+# ---- the world's files as other commands read them ----------------------------------------------
+
+
+def test_world_writes_a_prompts_file_relative_to_its_folder(world):
+    rows = [json.loads(line) for line in world.prompts_path.read_text().splitlines()]
+    assert world.prompts_path == world.bank_path.parent / "prompts.jsonl"
+    assert [(r["video"], r["prompt"]) for r in rows] == [(f"videos/{c.path.name}", c.prompt) for c in world.clips]
+    # an absolute folder: instruct paths are absolute, so a copy of its lines elsewhere still finds the clips
+    assert all(Path(json.loads(line)["video"]).is_absolute() for line in world.instruct_path.read_text().splitlines())
+
+
+def test_synthetic_command_writes_a_folder_that_score_dir_and_eval_read_from_anywhere(tmp_path, monkeypatch, capsys):
+    """`finger-reward synthetic world` from one folder, then score-dir and the instruct loader from another, with the
+    world's root spelled absolute: every path resolves from the world's own folder, never the caller's."""
+    from finger_reward.cli import main
+    from finger_reward.evaluation.loaders import load_benchmark
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["synthetic", "world", "--scenes", "1", "--frames", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "prompts world/prompts.jsonl" in printed and "finger-reward score-dir world --prompts" in printed
+    root = tmp_path / "here" / "world"
+    lines = [json.loads(line) for line in (root / "instruct.jsonl").read_text().splitlines()]
+    assert lines and all(line["video"].startswith("videos/") for line in lines)  # relative to world/, not to here/
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    bench = load_benchmark("finger", root / "instruct.jsonl")
+    assert all(Path(item.video).is_file() for item in bench.items)
+    out = tmp_path / "elsewhere" / "results.jsonl"
+    assert main(["score-dir", str(root), "--prompts", str(root / "prompts.jsonl"), "--model", "tiny",
+                 "--out", str(out)]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == 6 and not any(r.get("error") for r in results), results

@@ -293,32 +293,76 @@ def test_directory_path(tmp_path):
     expect_video_error(tmp_path, str(tmp_path), "is not a file")
 
 
-def test_undecodable_and_empty_bytes():
-    err = expect_video_error(b"this is not a video at all", "#0 (bytes)", "cannot be decoded", "decord", "pyav")
+def test_undecodable_and_empty_bytes(capfd):
+    err = expect_video_error(b"this is not a video at all", "#0 (bytes)", "cannot be decoded", "not a video file",
+                             "holds text")
     assert err.problem.startswith("cannot be decoded")
+    expect_video_error(bytes(range(256)) * 8, "#0 (bytes)", "not a video file", "no container format")
     expect_video_error(b"", "#0 (bytes)", "is empty (0 bytes)")
     expect_video_error(bytearray(), "#0 (bytes)", "is empty (0 bytes)")
     expect_video_error(b"", "upload.mp4", "is empty (0 bytes)", name="upload.mp4")
+    assert capfd.readouterr().err == ""  # no decoder printed anything
 
 
-def test_file_with_garbage_content(tmp_path):
+def test_file_with_garbage_content(tmp_path, capfd):
     path = tmp_path / "garbage.mp4"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    expect_video_error(path, str(path), "cannot be decoded")
+    err = expect_video_error(path, str(path), "cannot be decoded: not a video file")
+    assert "\\x" not in str(err) and all(c.isprintable() for c in str(err))
+    text = tmp_path / "notes.mp4"
+    text.write_text("hello, I am not a video\n")
+    expect_video_error(text, str(text), "not a video file (it holds text)")
+    assert capfd.readouterr().err == ""
 
 
-def test_truncated_mp4(mp4_paths, tmp_path):
+def test_truncated_mp4(mp4_paths, tmp_path, capfd):
     data = mp4_paths[0].read_bytes()
     path = tmp_path / "truncated.mp4"
-    path.write_bytes(data[: len(data) // 2])
-    expect_video_error(path, str(path), "cannot be decoded")
+    path.write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: cut off
+    expect_video_error(path, str(path), "cannot be decoded: truncated", "moov")
+
+    import av
+
+    fast = tmp_path / "fast.mp4"  # the index first, then the frames' data: cut in the data
+    with av.open(str(mp4_paths[0])) as source, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = fast.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    expect_video_error(path, str(path), "cannot be decoded: truncated", "of its 16 frames")
+    assert capfd.readouterr().err == ""
 
 
-def test_file_neither_decoder_can_open_names_both_failures(mp4_paths, monkeypatch, tmp_path):
-    path = tmp_path / "text.mp4"
-    path.write_text("hello\n")
+def test_file_without_a_video_stream(tmp_path, capfd):
+    import av
+
+    path = tmp_path / "voice.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    expect_video_error(path, str(path), "cannot be decoded: no video stream", "holds: audio")
+    assert capfd.readouterr().err == ""
+
+
+def test_file_neither_decoder_can_open_names_both_failures(mp4_paths, monkeypatch):
+    def pyav_fails(source):
+        raise RuntimeError("pyav injected failure \x00\xd9" + "x" * 500)
+
     monkeypatch.setattr(video_module, "_open_decord", _decord_fails)
-    expect_video_error(path, str(path), "cannot be decoded", "decord injected failure", "pyav")
+    monkeypatch.setattr(video_module, "_open_pyav", pyav_fails)
+    err = expect_video_error(mp4_paths[0], str(mp4_paths[0]), "cannot be decoded", "decord injected failure",
+                             "pyav injected failure")
+    assert "\x00" not in str(err) and "\xd9" not in str(err) and len(str(err)) < 400  # never raw bytes in a log
 
 
 def test_zero_frames():
