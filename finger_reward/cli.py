@@ -37,6 +37,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# eval --help: each benchmark's data format, two lines of it
+EVAL_FORMATS = """data formats (video paths are relative to --video-root, default the data file's folder):
+  --benchmark finger: FingER-Instruct JSONL, one human-answered question per line (`finger-reward synthetic` writes one)
+    {"prompt": "a dog runs", "dimension": "dynamic_degree", "entity": "dog", "question": "Does the dog run?", "positive": true, "video": "v/1.mp4", "answer": "Yes"}
+    {"prompt": "a dog runs", "dimension": "visual_quality", "entity": "dog", "question": "Is the dog blurry?", "positive": false, "video": "v/1.mp4", "answer": "No"}
+  --benchmark genai (ratings): genai_video.json or its folder; a video is ROOT/<model>/<prompt id>.mp4
+    {"00001": {"prompt": "a dog runs", "models": {"ModelA": [4, 5, 4], "ModelB": [2, 3]}},
+     "00002": {"prompt": "a cat sleeps", "models": {"ModelA": [3, 3, 4], "ModelB": [5, 4]}}}
+  --benchmark genai (arena votes): JSONL, CSV or parquet rows; vote_type leftvote|rightvote|tievote|bothbad_vote
+    {"prompt": "a dog runs", "left_video": "a/1.mp4", "right_video": "b/1.mp4", "vote_type": "leftvote"}
+    {"prompt": "a cat sleeps", "left_video": "a/2.mp4", "right_video": "b/2.mp4", "vote_type": "tievote"}
+  --benchmark videogen-rewardbench: CSV; Overall, VQ, MQ, TA in A|B|same
+    path_A,path_B,prompt,Overall,VQ,MQ,TA
+    a/1.mp4,b/1.mp4,a dog runs,A,A,same,B
+  --benchmark monetbench: JSONL or CSV rows; standard_answer video1|video2|tie
+    {"prompt": "a dog runs", "video1_path": "a/1.mp4", "video2_path": "b/1.mp4", "standard_answer": "video1"}
+    {"prompt": "a cat sleeps", "video1_path": "a/2.mp4", "video2_path": "b/2.mp4", "standard_answer": "tie"}
+"""
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finger-reward", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -98,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_slowfast_option(serve)
     serve.set_defaults(run=_serve)
 
-    evaluate = commands.add_parser("eval", help="agreement with human judgements on a benchmark (the paper's tables)")
+    evaluate = commands.add_parser("eval", help="agreement with human judgements on a benchmark (the paper's tables)",
+                                   epilog=EVAL_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--benchmark", required=True, help="finger | genai | pairs (or a loader name)")
     evaluate.add_argument("--data", required=True, help="the benchmark's annotation file")
     evaluate.add_argument("--video-root", help="directory the annotation's video paths are relative to (default: its folder)")
