@@ -193,6 +193,35 @@ def test_client_unreachable_and_pickling(mp4_paths):
         dead.score([torch.zeros(5, 3, 56, 56)], PROMPTS[0])
 
 
+def test_client_gives_up_on_a_closed_port_within_2_seconds(mp4_paths):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    dead = FingerRewardClient(f"http://127.0.0.1:{port}")  # default retries and back-off
+    start = time.monotonic()
+    with pytest.raises(ServiceError) as caught:
+        dead.score([mp4_paths[0]], PROMPTS[0])
+    assert time.monotonic() - start < 2.0
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "finger-reward serve" in message and "\n" not in message
+
+
+def test_client_decode_errors_name_the_file(server, tmp_path, mp4_paths):
+    junk = tmp_path / "holiday.mp4"
+    junk.write_text("not a video, just text\n")
+    results = client(server, on_error="nan").score([junk, mp4_paths[0]], PROMPTS[0])
+    assert str(junk) in results[0].error and "not a video file" in results[0].error, results[0].error
+    assert results[1].ok
+
+
+def test_a_plain_path_string_gets_a_hint_of_the_path_form(server):
+    response = httpx.post(f"{server.url}/v1/score", headers={"Authorization": "Bearer secret"},
+                          json={"videos": ["videos/clip.mp4"], "prompts": PROMPTS[0]})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "not valid base64" in message
+    assert '{"path": "videos/clip.mp4"}' in message and "--allow-path" in message
+
+
 def test_client_bad_frames_fail_alone(server, reward, mp4_paths):
     results = client(server, on_error="nan").score([torch.zeros(3, 4, 5), mp4_paths[0]], PROMPTS[0])
     assert "3 dims" in results[0].error and "#0" in results[0].error

@@ -221,7 +221,11 @@ def _b64(text, index: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(400, f"video #{index}: not valid base64") from None
+        hint = ""
+        if len(text) < 1024 and text.isprintable() and ("/" in text or "\\" in text or "." in text):
+            hint = (f'; {text!r} looks like a file path: send {{"path": {json.dumps(text)}}} (a server started with '
+                    "--allow-path DIR) or the file's bytes in base64")
+        raise RequestError(400, f"video #{index}: not valid base64{hint}") from None
 
 
 def _results_reply(outcomes: list, names: list[str], prompts: list[str]) -> Reply:

@@ -159,8 +159,8 @@ class FingerRewardClient:
             if isinstance(video, (str, os.PathLike)):
                 if self.send_paths:
                     return {"path": os.path.abspath(video)}
-                with open(video, "rb") as file:
-                    return {"data": base64.b64encode(file.read()).decode()}
+                with open(video, "rb") as file:  # named, so the service's errors name the file
+                    return {"data": base64.b64encode(file.read()).decode(), "name": os.fspath(video)}
             if isinstance(video, (bytes, bytearray, memoryview)):
                 return {"data": base64.b64encode(bytes(video)).decode()}
             return {"clip": self._sampled_clip(video, name, rate)}
@@ -248,23 +248,39 @@ class FingerRewardClient:
     def _request(self, method: str, path: str, content: bytes | None = None, allow: set[int] = frozenset()):
         import httpx
 
-        problem = "no attempt made"
+        problem, refused = "no attempt made", 0
         for attempt in range(self.max_retries + 1):
-            if attempt:
+            if refused:  # nothing listened: a restart is not seconds away, so ask again only briefly
+                time.sleep(_CONNECT_BACKOFF * refused)
+            elif attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
             try:
                 headers = {"Content-Type": "application/json"} if content is not None else None
                 response = self._client().request(method, path, content=content, headers=headers)
-            except httpx.TransportError as err:
-                problem = f"cannot reach the service: {type(err).__name__}: {err}"
+            except httpx.ConnectError as err:
+                refused += 1
+                problem = f"{err}"
+                if refused > _CONNECT_RETRIES:
+                    break
                 continue
+            except httpx.TransportError as err:
+                problem, refused = f"cannot reach the service: {type(err).__name__}: {err}", 0
+                continue
+            refused = 0
             if response.status_code in _RETRY_STATUS:
                 problem = f"HTTP {response.status_code}: {_message(response)}"
                 continue
             if response.status_code < 400 or response.status_code in allow:
                 return response
             raise ServiceError(f"{self.url}{path}: HTTP {response.status_code}: {_message(response)}")
+        if refused:
+            raise ServiceError(f"{self.url}{path}: cannot reach the service: connection refused or no such host "
+                               f"({problem}); expected a running 'finger-reward serve' there")
         raise ServiceError(f"{self.url}{path}: gave up after {self.max_retries + 1} attempts; last: {problem}")
+
+
+_CONNECT_RETRIES = 2  # tries after a refused connection, _CONNECT_BACKOFF s apart and growing: well under 2 s
+_CONNECT_BACKOFF = 0.1
 
 
 class _Resample(Exception):
