@@ -570,7 +570,7 @@ def _questions(args) -> int:
                 results = err.results
                 failures.update(err.failures)
             append_jsonl(out, (q for p in chunk for q in results.get(p, [])))
-            bar.update(len(chunk))
+            bar.update(sum(p in results for p in chunk))  # the bar counts prompts that got questions
     for prompt, why in failures.items():
         print(f"finger-reward: error: prompt {prompt!r}: {why}", file=sys.stderr)
     print(f"{len(todo) - len(failures)} prompt(s) added to {out} ({len(done)} were there already)", file=sys.stderr)

@@ -195,3 +195,31 @@ def test_transformers_generator_falls_back_to_template(tiny_chat_model):
     gen = TransformersGenerator(model, tokenizer, max_new_tokens=8, max_retries=0, fallback=TemplateGenerator())
     result = gen.generate_questions([CAT])
     assert {q.dimension for q in result[CAT]} == set(DIMENSIONS)
+
+
+def test_a_refusing_server_is_reported_once_without_a_retry_storm():
+    with ChatServer({CAT: [Status(503, retry_after=0, message="overloaded")], DOG: [reply_for("dog")]}) as server:
+        with pytest.raises(GenerationError) as caught:
+            generator(server, max_retries=3).generate_questions([CAT, DOG])
+        asked = server.count(CAT)
+    why = caught.value.failures[CAT]
+    assert "HTTP 503" in why and why.count("attempt(s)") == 1, why
+    assert asked == 4  # the request's own 1 + 3 retries, not re-asked by the prompt loop (was 16)
+    assert set(caught.value.results) == {DOG}
+
+
+def test_cli_progress_counts_only_prompts_that_got_questions(tmp_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{CAT}\n{DOG}\n")
+    with ChatServer({CAT: [Status(503, retry_after=0)], DOG: [reply_for("dog")]}) as server:
+        done = subprocess.run([sys.executable, "-m", "finger_reward.cli", "questions", "--prompts", str(prompts),
+                               "--out", str(tmp_path / "bank.jsonl"), "--generator", "openai", "--model", "m",
+                               "--base-url", server.url, "--api-key", "k"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "1/2" in done.stderr and "2/2" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finger-reward: error")]
+    assert len(errors) == 1 and repr(CAT) in errors[0] and errors[0].count("attempt(s)") == 1, errors

@@ -46,7 +46,10 @@ def generate_with_retries(
     max_retries: int,
     fallback: QuestionGenerator | None,
 ) -> dict[str, list[Question]]:
-    """Ask `complete` for every prompt; re-ask the prompts whose reply was unusable, up to `max_retries` times."""
+    """Ask `complete` for every prompt; re-ask the prompts whose reply was unusable, up to `max_retries` times.
+
+    A failed request is not asked again here: `complete` has retried it already (a dead server would
+    otherwise be asked (max_retries + 1)^2 times per prompt)."""
     results: dict[str, list[Question]] = {}
     failures: dict[str, str] = {}
     pending = list(dict.fromkeys(prompts))
@@ -60,6 +63,8 @@ def generate_with_retries(
             if questions:
                 results[prompt] = questions
                 failures.pop(prompt, None)
+            elif isinstance(reply, Exception):  # the request already used its own retries and says so
+                failures[prompt] = why
             else:
                 failures[prompt] = f"{why} (after {attempt + 1} attempt(s))"
                 retry.append(prompt)
