@@ -123,12 +123,12 @@ class RecordingReward(FingerReward):
         super().__init__(*args, **kw)
         self.events, self.hang, self.prepare_s, self.release = [], hang, prepare_s, threading.Event()
 
-    def _prepare_one(self, video, prompt, name, prompt_errors, **kw):
+    def _prepare_one(self, video, prompt, name, *args, **kw):
         self.events.append(("prepare", name))
         if name == self.hang:
             self.release.wait(30)
         time.sleep(self.prepare_s)
-        return super()._prepare_one(video, prompt, name, prompt_errors, **kw)
+        return super()._prepare_one(video, prompt, name, *args, **kw)
 
     def _run_jobs(self, jobs):
         self.events.append(("run", [j.name if not isinstance(j, Exception) else "error" for j in jobs]))
