@@ -1,4 +1,5 @@
-"""A self-contained HTML report of FingER results: frame strips, score bars, questions and plots.
+"""A self-contained HTML report of FingER results: a summary, a sortable table of videos, frame strips,
+score bars, questions and plots.
 
 `write_report` turns `(VideoScore, human scores or None)` pairs into one HTML file that needs
 no network: styles are inline and images are base64 PNG data URIs. Plots need matplotlib and
@@ -42,6 +43,7 @@ h1{margin:0 0 8px} h2{margin:0;font-size:1.15em} .muted{color:#666;font-size:.9e
 .human{position:absolute;top:0;bottom:0;width:3px;background:#111}
 table{border-collapse:collapse;width:100%;margin-top:10px;font-size:.85em} table.corr{width:auto}
 th,td{border-bottom:1px solid #e3e5e8;padding:4px 6px;text-align:left;vertical-align:top}
+table.sortable th{cursor:pointer;user-select:none} table.sortable th:hover{background:#eef1f5}
 td.num{font-variant-numeric:tabular-nums;text-align:right}
 """
 
@@ -80,26 +82,79 @@ def write_report(
     """
     if frames_per_strip < 1:
         raise ValueError(f"frames_per_strip must be >= 1, got {frames_per_strip}")
-    failed = sum(not score.ok for score, _ in results)
-    head = (f"<h1>{html.escape(title)}</h1><p class='muted'>{len(results)} video(s), "
-            f"{failed} failed.</p>")
-    if summary:
-        head += f"<h2>Agreement with humans</h2><pre>{html.escape(summary)}</pre>"
-    body = head + _plots(results) + "\n".join(_card(s, h, frames_per_strip) for s, h in results)
+    head = f"<h1>{html.escape(title)}</h1>" + _summary(results, summary) + _video_table(results)
+    body = head + _plots(results) + "\n".join(_card(s, h, frames_per_strip, i) for i, (s, h) in enumerate(results))
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+            f"<style>{_STYLE}</style></head>\n<body>\n{body}\n<script>{_SORT_SCRIPT}</script>\n</body></html>\n")
     out_path = Path(out_path)
     out_path.write_text(page, encoding="utf-8")
     return out_path
 
 
+# ---- summary and the sortable table of videos -----------------------------------------------------
+
+# Clicking a header of a `table.sortable` sorts its rows by that column (numbers as numbers, NaN last).
+_SORT_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], up = th.dataset.dir !== 'asc';
+  th.dataset.dir = up ? 'asc' : 'desc';
+  const key = r => { const v = r.cells[col].dataset.v ?? r.cells[col].textContent; const n = parseFloat(v);
+                     return isNaN(n) ? (v === '' || v === 'nan' ? null : v) : n; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    if (x === null || y === null) return (x === null) - (y === null);
+    return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); }).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def _summary(results: list[tuple[VideoScore, dict | None]], text: str | None) -> str:
+    """Counts, the mean of every score over the scored videos, agreement with humans where known."""
+    scored = [(s, h or {}) for s, h in results if s.ok]
+    parts = [f"<p class='muted'>{len(results)} video(s): {len(scored)} scored, {len(results) - len(scored)} failed.</p>"]
+    if scored:
+        keys = ["overall", *_ordered({d for s, _ in scored for d in s.dimensions})]
+        means = {k: np.nanmean([s.overall if k == "overall" else s.dimensions.get(k, math.nan) for s, _ in scored])
+                 for k in keys}
+        cells = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{v:.3f}</td></tr>" for k, v in means.items())
+        parts.append(f"<table class='corr'><thead><tr><th>score</th><th>mean</th></tr></thead><tbody>{cells}</tbody></table>")
+        pairs = {k: xy for k in keys if len(xy := _with_human(_model_scores(scored, k), [h for _, h in scored], k)) >= 3}
+        if pairs:
+            parts += ["<h2>Model vs human</h2>",
+                      _correlation_table(pairs, {k: _correlations(*np.array(xy).T) for k, xy in pairs.items()})]
+    if text:
+        parts.append(f"<h2>Agreement with humans</h2><pre>{html.escape(text)}</pre>")
+    return "<div class='plots'><h2>Summary</h2>" + "\n".join(parts) + "</div>"
+
+
+def _model_scores(scored: list[tuple[VideoScore, dict]], key: str) -> list[float]:
+    return [s.overall if key == "overall" else s.dimensions.get(key, math.nan) for s, _ in scored]
+
+
+def _video_table(results: list[tuple[VideoScore, dict | None]]) -> str:
+    """One row per video (scores, human overall, error), sortable by any column; names link to the cards."""
+    dims = _ordered({d for s, _ in results for d in s.dimensions})
+    human = any(h and "overall" in h for _, h in results)
+    header = ["video", "overall", *dims] + (["human overall"] if human else []) + ["error"]
+    rows = []
+    for i, (score, h) in enumerate(results):
+        values = [score.overall, *(score.dimensions.get(d, math.nan) for d in dims)]
+        values += [(h or {}).get("overall", math.nan)] if human else []
+        cells = [f"<td><a href='#video-{i}'>{html.escape(Path(score.video).name or score.video)}</a></td>"]
+        cells += [f"<td class='num' data-v='{v}'>{'' if math.isnan(v) else f'{v:.3f}'}</td>" for v in values]
+        cells.append(f"<td class='error'>{html.escape(score.error or '')}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th title='click to sort'>{html.escape(h)}</th>" for h in header)
+    return (f"<div class='plots'><h2>Videos</h2><table class='sortable'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
 # ---- one card per video -------------------------------------------------------------------------
 
 
-def _card(score: VideoScore, human: dict | None, frames: int) -> str:
+def _card(score: VideoScore, human: dict | None, frames: int, index: int = 0) -> str:
     """The section of one video: name, prompt, frame strip, error or scores, questions."""
     human = human or {}
-    parts = [f"<h2>{html.escape(Path(score.video).name or score.video)}</h2>",
+    parts = [f"<h2 id='video-{index}'>{html.escape(Path(score.video).name or score.video)}</h2>",
              f"<div class='muted'>{html.escape(score.video)}</div>",
              f"<p><b>Prompt:</b> {html.escape(score.prompt)}</p>", _strip(score.video, frames)]
     if not score.ok:
@@ -163,14 +218,12 @@ def _plots(results: list[tuple[VideoScore, dict | None]]) -> str:
     scored = [(s, h or {}) for s, h in results if s.ok]
     if not scored:
         return "<div class='plots'><p class='note'>No video was scored; nothing to plot.</p></div>"
-    model = {"overall": [s.overall for s, _ in scored]}
-    for dim in _ordered({d for s, _ in scored for d in s.dimensions}):
-        model[dim] = [s.dimensions.get(dim, math.nan) for s, _ in scored]
+    model = {key: _model_scores(scored, key) for key in ["overall", *_ordered({d for s, _ in scored for d in s.dimensions})]}
     parts = ["<h2>Score distributions</h2>", f"<img alt='score histograms' src='{_data_uri(_histograms(model))}'>"]
     pairs = {key: xy for key, xy in ((k, _with_human(v, [h for _, h in scored], k)) for k, v in model.items()) if len(xy) >= 3}
     if pairs:
         corr = {key: _correlations(*np.array(xy).T) for key, xy in pairs.items()}
-        parts += ["<h2>Model vs human</h2>", _correlation_table(pairs, corr),
+        parts += ["<h2>Model vs human</h2>",  # the SRCC/PLCC table is in the summary
                   f"<img alt='model vs human scatter plots' src='{_data_uri(_scatters(pairs, corr))}'>"]
     return "<div class='plots'>" + "\n".join(parts) + "</div>"
 

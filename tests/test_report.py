@@ -108,7 +108,32 @@ def test_one_card_per_result_with_questions_and_errors(report):
 def test_page_is_self_contained(report):
     text = report[2]
     assert "http://" not in text and "https://" not in text
-    assert "<link" not in text and "<script" not in text
+    assert "<link" not in text and "<script src" not in text  # the one script (table sorting) is inline
+    assert text.count("<script>") == 1
+
+
+def test_summary_opens_the_page_with_counts_means_and_agreement(report):
+    results, _, text = report
+    summary = text[text.index("<h2>Summary</h2>"):text.index("<h2>Videos</h2>")]
+    assert text.index("<h2>Summary</h2>") < text.index("<section")
+    scored = [s for s, _ in results if s.ok]
+    assert f"{len(results)} video(s): {len(scored)} scored, {len(results) - len(scored)} failed." in summary
+    mean = sum(s.overall for s in scored) / len(scored)
+    assert f"<td>overall</td><td class='num'>{mean:.3f}</td>" in summary
+    assert "SRCC" in summary and "PLCC" in summary  # six results carry human scores
+
+
+def test_video_table_has_a_sortable_row_per_result(report):
+    results, _, text = report
+    table = text[text.index("<table class='sortable'>"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == len(results) + 1
+    assert "human overall" in table and "title='click to sort'" in table
+    for i, (score, _) in enumerate(results):  # each name links to its card, each score sorts by its value
+        assert f"href='#video-{i}'" in table and f"id='video-{i}'" in text
+        if score.ok:
+            assert f"data-v='{score.overall}'" in table
+    assert "decoder &lt;exploded&gt; &amp; gave up" in table  # the failed video's error, escaped
 
 
 def test_images_are_embedded_pngs_and_not_blank(report):
