@@ -330,3 +330,41 @@ def test_eval_data_measures_accuracy_after_training(tiny_model_dir, world, tmp_p
     bad.write_text(json.dumps({**json.loads(heldout.read_text().splitlines()[0]), "answer": "Maybe"}) + "\n")
     with pytest.raises(Exception, match=r"bad.jsonl, line 1.*'Yes' or 'No'"):  # fails before training, naming the line
         VideoGRPOTrainer(_recipe(tiny_model_dir, world.instruct_path, tmp_path, eval_data=str(bad)))
+
+
+def test_ratio_is_exactly_one_at_mu_1_with_lora_dropout(tiny_model_dir, world, records, tmp_path):
+    """Dropout is off in every pass (LoRA's too), so the loss's log-probabilities equal the old policy's."""
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path, lora=True, lora_dropout=0.5, max_steps=1)
+    trainer = VideoGRPOTrainer(recipe, records=records, reward_funcs=[_lengths])
+    with torch.no_grad():  # a trained adapter (a fresh one has B = 0, so its dropout would change nothing)
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    batch = trainer.rollout(records[0])
+    trainer.model.train()
+    _, metrics = trainer.compute_loss(batch)
+    assert metrics["ratio/max_abs_dev"] == 0.0 and metrics["ratio/mean_abs_dev"] == 0.0
+    # With LoRA's dropout back on, the same pass is off by more than float noise: the check can fail.
+    dropouts = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for module in dropouts:
+        module.p = 0.5
+    _, noisy = trainer.compute_loss(batch)
+    assert noisy["ratio/max_abs_dev"] > 1e-3
+
+
+def test_grpo_step_on_slowfast_clips(tiny_model_dir, world, records, tmp_path):
+    """SlowFast prompts carry two video blocks per row; batches split by rows keep each row's own blocks."""
+    # threshold 0.5: on these clips half the frames go to the fast pathway
+    recipe = _recipe(tiny_model_dir, world.instruct_path, tmp_path, slowfast=0.5, max_frames=8, forward_batch_size=1,
+                     num_generations=3, max_steps=1)
+    trainer = VideoGRPOTrainer(recipe, records=records, reward_funcs=[_lengths])
+    batch = trainer.rollout(records[0])
+    rows = batch["input_ids"].shape[0]
+    assert batch["video_grid_thw"].shape[0] == 2 * rows  # a slow and a fast pathway per row
+    with torch.no_grad():
+        whole = trainer._logps(trainer.model, trainer._forward_inputs(batch), batch["prompt_length"])
+        split = trainer.per_token_logps(trainer.model, batch)  # forward_batch_size=1: one row at a time
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+    trainer.train()
+    assert trainer.global_step == 1

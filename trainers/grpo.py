@@ -77,6 +77,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig
+from trl.trainer.utils import disable_dropout_in_model
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
@@ -219,14 +220,25 @@ def load_model(recipe: GRPORecipe):
     return model, processor
 
 
+PER_VIDEO_KEYS = ("video_grid_thw", "second_per_grid_ts")  # one entry per video block, not per row
+
+
 def _select_rows(batch: dict, rows: slice) -> dict:
-    """Rows `rows` of a rollout batch, with the video tensors of exactly those rows."""
+    """Rows `rows` of a rollout batch, with the video tensors of exactly those rows.
+
+    Every row holds the same prompt, so the same number of video blocks: one, or two for a
+    SlowFast clip (its slow and fast pathways), each with its own grid row and patches.
+    """
     out = {}
     grid = batch["video_grid_thw"]
+    blocks = grid.shape[0] // batch["input_ids"].shape[0]
+    first, last = rows.start * blocks, rows.stop * blocks
     patches = torch.cat([grid.new_zeros(1), grid.prod(dim=-1).cumsum(0)])
     for key, value in batch.items():
         if key == "pixel_values_videos":
-            out[key] = value[patches[rows.start]: patches[rows.stop]]
+            out[key] = value[patches[first]: patches[last]]
+        elif key in PER_VIDEO_KEYS and isinstance(value, torch.Tensor):
+            out[key] = value[first:last]
         elif isinstance(value, torch.Tensor) and value.dim() > 0:
             out[key] = value[rows]
         else:
@@ -256,6 +268,9 @@ class VideoGRPOTrainer:
         elif processor is None:
             processor = AutoProcessor.from_pretrained(recipe.model)
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        # No dropout in any pass (LoRA's included, as TRL's disable_dropout): the old-policy and the
+        # training log-probabilities of one rollout then agree exactly, so at mu=1 the ratio is 1.
+        disable_dropout_in_model(self.model)
         if recipe.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [accuracy_reward, format_reward]
@@ -454,6 +469,9 @@ class VideoGRPOTrainer:
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
         region = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
         metrics["clip_ratio/region_mean"] = ((region.float() * mask).sum() / mask.sum().clamp(min=1)).item()
+        deviation = (ratio.detach() - 1).abs() * mask
+        metrics["ratio/mean_abs_dev"] = (deviation.sum() / mask.sum().clamp(min=1)).item()
+        metrics["ratio/max_abs_dev"] = deviation.max().item() if deviation.numel() else 0.0
         return loss, metrics
 
     # ---- the loop ---------------------------------------------------------------------------------
