@@ -18,6 +18,7 @@ from finger_reward import FingerReward, Question, QuestionBank, VideoError
 from finger_reward.questions import DIMENSIONS
 from finger_reward.serve import Batcher, FingerRewardClient, QueueFull, ServeConfig, ServiceError
 from finger_reward.serve.local import LocalServer
+from finger_reward.serve.telemetry import Telemetry
 from tests.serve_checks import assert_same, corrupt_video_fails_alone
 
 PROMPTS = ["a red circle moves right", "a blue square stays still", "a dog runs", "a cat sleeps"]
@@ -82,7 +83,8 @@ def test_64_concurrent_requests_each_answered_once(server, mp4_paths, direct):
         assert result.prompt == prompt
         assert_same(result, direct[(str(path), prompt)])
     assert server.api.telemetry.requests.get(200, 0) - before == 64
-    assert max(b for b, n in zip(server.api.telemetry.batch_size.buckets, server.api.telemetry.batch_size.counts) if n) > 1
+    telemetry = server.api.telemetry  # some batch held more than one video
+    assert telemetry.value("finger_batch_size_count") > telemetry.value("finger_batch_size_bucket", le="1.0")
 
 
 def test_corrupt_video_fails_alone(server, mp4_paths, direct):
@@ -143,10 +145,28 @@ def test_health_and_metrics(server, reward):
     assert health == {"status": "ok", "sampling": reward.sampling(), "max_payload_bytes": 256 * 2**20}
     assert health["sampling"] == {"fps": 2.0, "max_frames": 48, "max_pixels": 200704, "patch_factor": 28,
                                   "slowfast": None}  # the tiny evaluator's finger_reward.json
-    text = httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # a server with a token guards its metrics
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer secret"}).text
     for name in ("finger_requests_total", "finger_batch_size_bucket", "finger_request_latency_seconds_count",
-                 "finger_queue_depth", 'finger_videos_total{outcome="scored"}'):
+                 "finger_queue_depth", 'finger_videos_total{outcome="scored"}', "finger_batch_latency_seconds_bucket"):
         assert name in text
+    assert 'finger_request_latency_seconds_bucket{le="120.0"}' in text  # buckets for seconds-long scoring
+
+
+def test_openapi_and_docs_describe_the_video_forms(server, small_server):
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401  # every route but health needs the token
+    assert httpx.get(f"{server.url}/docs").status_code == 401
+    schema = httpx.get(f"{small_server.url}/openapi.json").json()
+    body = schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ScoreRequest"}
+    forms = schema["components"]["schemas"]["ScoreRequest"]["properties"]["videos"]["items"]["anyOf"]
+    refs = {form.get("$ref", form.get("type")) for form in forms}
+    for form in ("DataVideo", "NpyVideo", "PathVideo"):
+        assert f"#/components/schemas/{form}" in refs
+        assert schema["components"]["schemas"][form]["description"]
+    assert "VideoResult" in schema["components"]["schemas"] and "/v1/health" in schema["paths"]
+    docs = httpx.get(f"{small_server.url}/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +263,15 @@ def test_submit_futures_equal_score(reward, mp4_paths, direct):
 def test_batcher_token_budget_and_queue(reward, mp4_paths):
     jobs = reward.prepare([mp4_paths[0]], [PROMPTS[0]])
     budget = jobs[0].tokens * 2  # two videos fit in a batch, a third does not
-    with Batcher(reward, max_batch_size=8, max_batch_tokens=budget, max_wait_ms=200, max_queue=6) as batcher:
+    with Batcher(reward, max_batch_size=8, max_batch_tokens=budget, max_wait_ms=200, max_queue=6,
+                 telemetry=Telemetry()) as batcher:
         futures = batcher.submit_many([mp4_paths[0]] * 6, [PROMPTS[0]] * 6)
         with pytest.raises(QueueFull, match="6 of 6"):
             batcher.submit(mp4_paths[0], PROMPTS[0], block=False)
         assert all(f.result(timeout=60).ok for f in futures)
-        sizes = batcher.telemetry.batch_size
-        assert sizes.count >= 3 and sizes.sum == 6
-        assert sum(sizes.counts[2:]) == 0  # no batch above 2 videos
+        sizes = batcher.telemetry
+        assert sizes.value("finger_batch_size_count") >= 3 and sizes.value("finger_batch_size_sum") == 6
+        assert sizes.value("finger_batch_size_bucket", le="2.0") == sizes.value("finger_batch_size_count")  # none above 2
         with pytest.raises(QueueFull, match="more than the whole queue"):
             batcher.submit_many([mp4_paths[0]] * 7, [PROMPTS[0]] * 7)
 
@@ -301,3 +322,17 @@ def test_client_close_and_reopen(server, mp4_paths):
     assert pool.is_closed and c._http is None
     assert c.score([mp4_paths[0]], PROMPTS[0])[0].overall == pytest.approx(first.overall)
     c.close()
+
+
+def test_access_log_one_line_per_request_without_the_body(server, mp4_paths, caplog):
+    data = base64.b64encode(mp4_paths[0].read_bytes()).decode()
+    with caplog.at_level("INFO", logger="finger_reward.serve.access"):
+        response = httpx.post(f"{server.url}/v1/score", headers={"Authorization": "Bearer secret"},
+                              json={"videos": [data, data], "prompts": PROMPTS[0]})
+        assert response.status_code == 200
+        httpx.get(f"{server.url}/v1/nothing")
+    lines = [r.getMessage() for r in caplog.records if r.name == "finger_reward.serve.access"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("POST /v1/score 200 videos=2 ") and "client=127.0.0.1:" in lines[0]
+    assert lines[1].startswith("GET /v1/nothing 404 videos=0 ")
+    assert data[:64] not in "".join(lines) and PROMPTS[0] not in "".join(lines)

@@ -131,15 +131,15 @@ def test_concurrent_requests_each_get_their_own_result(url, direct, mp4_paths):
         for path, result in zip(paths, results):
             assert result.prompt == prompt
             assert_same(result, direct[(str(path), prompt)])
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     assert 'finger_requests_total{status="200"}' in metrics
-    assert 'finger_batch_size_bucket{le="1"} ' in metrics and batched_videos(metrics) > 0
+    assert 'finger_batch_size_bucket{le="1.0"} ' in metrics and batched_videos(metrics) > 0
 
 
 def batched_videos(metrics: str) -> int:
     """How many batches held more than one video, from the Prometheus text."""
     counts = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("finger_batch_size_"))
-    return int(counts["finger_batch_size_count"]) - int(counts['finger_batch_size_bucket{le="1"}'])
+    return int(float(counts["finger_batch_size_count"])) - int(float(counts['finger_batch_size_bucket{le="1.0"}']))
 
 
 def test_corrupt_video_fails_alone(url, direct, mp4_paths):
@@ -172,7 +172,9 @@ def test_health_and_metrics(url):
     assert health["sampling"] == {"fps": 2.0, "max_frames": 48, "max_pixels": 200704, "patch_factor": 28,
                                   "slowfast": None}  # each replica reports how it samples, as the one-process server
     assert client(url).health() == health
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # the token guards the metrics too
+    assert httpx.get(f"{url}/openapi.json", headers=AUTH).json()["components"]["schemas"]["ScoreRequest"]
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
     for name in ("finger_requests_total", "finger_batch_size_bucket", "finger_queue_depth",
                  'finger_videos_total{outcome="scored"}'):
         assert name in text

@@ -1,10 +1,11 @@
-"""The HTTP API of the reward service, independent of the server that runs it.
+"""The HTTP API of the reward service: one FastAPI app, run by uvicorn (local.py) or as Ray Serve's ingress (ray_app.py).
 
     POST /v1/score   {"prompts": [...] or "one prompt", "videos": [...], "video_fps": optional}
                      ->  {"results": [VideoScore, ...]}   (each with "sampled": frames, fps, size the model saw)
     GET  /v1/health  ->  {"status": "ok", "sampling": {fps, max_frames, max_pixels, patch_factor, slowfast},
                           "max_payload_bytes": ...}
     GET  /metrics    ->  Prometheus text
+    GET  /docs, /openapi.json  ->  the schema (`serve.schema`)
 
 A video in a request is one of:
 
@@ -16,11 +17,12 @@ A video in a request is one of:
 - only when the server allows a directory, {"path": ...} inside it.
 
 "video_fps" (top level: one rate, or one per video, null where unknown; or per entry) is the
-frame rate of in-memory frames ("npy"), as `FingerReward.score(video_fps=)`. Errors are JSON with
-a status code: 400 for a bad field or video (naming which; the other videos' results are still in
-"results"), 401 without the token, 403 for a path outside the allowed directory, 409 for a clip
-sampled with other settings, 413 over the payload limit, 429 when the queue is full. The local
-server (local.py) and the Ray Serve deployment (ray_app.py) both hand their requests to `ScoreAPI`.
+frame rate of in-memory frames ("npy"), as `FingerReward.score(video_fps=)`. Errors are JSON
+({"error": {"message", "status"}}) with a status code: 400 for a bad field or video (naming which;
+the other videos' results are still in "results"), 401 without the token, 403 for a path outside
+the allowed directory, 409 for a clip sampled with other settings, 413 over the payload limit,
+429 (or 503 from Ray Serve) with Retry-After when the queue is full. The token guards every route
+but /v1/health.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -45,100 +49,83 @@ from finger_reward.serve.telemetry import Telemetry
 
 ScoreMany = Callable[[list, list[str], list[str], list], Awaitable[list]]  # videos, prompts, names, video_fps
 SAMPLING_KEYS = ("fps", "max_frames", "max_pixels", "patch_factor", "slowfast")
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+access_log = logging.getLogger("finger_reward.serve.access")
 
 
 class RequestError(FingerError):
-    """A request the service refuses, with the HTTP status to answer."""
+    """A request the service refuses, with the HTTP status to answer (and headers such as Retry-After)."""
 
-    def __init__(self, status: int, message: str):
-        self.status = status
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        self.status, self.headers = status, headers or {}
         super().__init__(message)
 
 
-def _json(status: int, payload: dict, headers: dict | None = None) -> Reply:
-    return Reply(status, json.dumps(json_safe(payload), allow_nan=False).encode(), headers=headers or {})
-
-
-def error_reply(status: int, message: str, headers: dict | None = None) -> Reply:
-    return _json(status, {"error": {"message": message, "status": status}}, headers)
-
-
 class ScoreAPI:
-    """Routes requests, checks the token and payload size, decodes videos, and scores them."""
+    """What the routes do, apart from HTTP: the token, the payload limit, decoding videos, scoring, the retry cache."""
 
     def __init__(self, score_many: ScoreMany, *, token: str | None = None, allow_path: str | None = None,
-                 max_payload_mb: float = 256.0, telemetry: Telemetry | None = None, sampling: dict | None = None):
+                 max_payload_mb: float = 256.0, telemetry: Telemetry | None = None, sampling: dict | None = None,
+                 result_ttl_s: float = 300.0, max_cached_results: int = 1024):
         self.score_many = score_many
         self.sampling = None if sampling is None else {k: sampling[k] for k in SAMPLING_KEYS}
         self.token = token
         self.allow_path = os.path.realpath(allow_path) if allow_path else None
         self.max_payload = int(max_payload_mb * 2**20)
         self.telemetry = telemetry or Telemetry()
+        self.results = ResultCache(result_ttl_s, max_cached_results)
 
-    async def __call__(self, method: str, path: str, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]) -> Reply:
-        start = time.perf_counter()
-        try:
-            reply = await self._route(method, path, headers, read_body)
-        except RequestError as err:
-            reply = error_reply(err.status, str(err))
-        except Exception as err:  # the service keeps serving whatever one request does
-            reply = error_reply(500, f"internal error: {type(err).__name__}: {err}")
-        if path not in ("/metrics", "/v1/health"):  # probes would swamp the scoring figures
-            self.telemetry.request(reply.status, time.perf_counter() - start)
-        return reply
+    def check_token(self, authorization: str | None) -> None:
+        if self.token is None:
+            return
+        if not hmac.compare_digest((authorization or "").encode(), f"Bearer {self.token}".encode()):
+            raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
-    async def _route(self, method, path, headers, read_body) -> Reply:
-        if path == "/v1/health" and method == "GET":
-            return _json(200, {"status": "ok", "sampling": self.sampling, "max_payload_bytes": self.max_payload})
-        if path == "/metrics" and method == "GET":
-            return Reply(200, self.telemetry.render().encode(), "text/plain; version=0.0.4")
-        if path != "/v1/score":
-            return error_reply(404, f"no route {method} {path}; try POST /v1/score, GET /v1/health or GET /metrics")
-        if method != "POST":
-            return error_reply(405, "use POST for /v1/score")
-        self._check_token(headers)
-        length = headers.get("content-length")
+    def health(self) -> dict:
+        return {"status": "ok", "sampling": self.sampling, "max_payload_bytes": self.max_payload}
+
+    async def read_body(self, request) -> bytes:
+        """The request body, refused with 413 as soon as it is known to be over the limit."""
+        length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_payload:
             raise RequestError(413, f"payload of {int(length)} bytes is over the limit of {self.max_payload}")
-        body = await read_body()
-        if len(body) > self.max_payload:
-            raise RequestError(413, f"payload of {len(body)} bytes is over the limit of {self.max_payload}")
-        videos, prompts, names, rates = await asyncio.to_thread(self._parse, body)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_payload:
+                raise RequestError(413, f"payload of over {size} bytes is over the limit of {self.max_payload}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def score(self, body: bytes, key: str | None) -> tuple[int, dict, int]:
+        """(status, JSON payload, videos) for a score request; a repeated `key` gets the first answer again."""
+        if not key:
+            return await self._score(body)
+        return await self.results.get_or_run(key, hashlib.sha256(body).digest(), lambda: self._score(body))
+
+    async def _score(self, body: bytes) -> tuple[int, dict, int]:
+        videos, prompts, names, rates = await asyncio.to_thread(self.parse, body)
         try:
             outcomes = await self.score_many(videos, prompts, names, rates)
         except QueueFull as err:
-            return error_reply(429, str(err), headers={"Retry-After": "1"})
-        return _results_reply(outcomes, names, prompts)
+            raise RequestError(429, str(err), {"Retry-After": "1"}) from None
+        status, payload = results_payload(outcomes, names, prompts)
+        return status, payload, len(videos)
 
-    def _check_token(self, headers: Mapping[str, str]) -> None:
-        if self.token is None:
-            return
-        given = headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+    def parse(self, body: bytes) -> tuple[list, list[str], list[str], list]:
+        """The request's decoded videos, prompts, names and frame rates; a `RequestError` names what is wrong."""
+        from pydantic import ValidationError
 
-    def _parse(self, body: bytes) -> tuple[list, list[str], list[str], list]:
+        from finger_reward.serve.schema import ScoreRequest
+
         try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"body is not valid JSON: {err}") from None
-        if not isinstance(request, dict) or "videos" not in request or "prompts" not in request:
-            raise RequestError(400, 'body must be an object with "videos" and "prompts"')
-        videos, prompts = request["videos"], request["prompts"]
-        if not isinstance(videos, list) or not videos:
-            raise RequestError(400, '"videos" must be a non-empty list')
-        prompts = [prompts] * len(videos) if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or len(prompts) != len(videos) or not all(isinstance(p, str) for p in prompts):
-            raise RequestError(400, f'"prompts" must be one string or a list of {len(videos)} strings (one per video)')
-        rates = _request_rates(request.get("video_fps"), videos)
+            request = ScoreRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise RequestError(400, _validation_message(err)) from None
+        raw = json.loads(body)  # the entries as sent: decoding reads their own keys
+        videos = raw["videos"]
+        prompts = [request.prompts] * len(videos) if isinstance(request.prompts, str) else request.prompts
+        rates = _request_rates(raw.get("video_fps"), videos)
         names = [_entry_name(v, i) for i, v in enumerate(videos)]
         decoded = [self._video(v, i, names[i]) for i, v in enumerate(videos)]
         names = [v if isinstance(v, str) else names[i] for i, v in enumerate(decoded)]
@@ -148,9 +135,6 @@ class ScoreAPI:
         """bytes of an encoded file, a sampled `Clip`, a uint8 array, or an allowed path string."""
         if isinstance(item, str):
             item = {"data": item}
-        if not isinstance(item, dict) or len({"data", "npy", "path", "clip"} & set(item)) != 1:
-            raise RequestError(400, f'video #{index}: expected a base64 string or an object with one of '
-                                    '"data", "clip", "npy", "path"')
         if "path" in item:
             return self._allowed_path(item["path"], index)
         if "clip" in item:
@@ -159,27 +143,23 @@ class ScoreAPI:
         if "data" in item:
             return raw
         try:
-            array = np.load(io.BytesIO(raw), allow_pickle=False)
+            return np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, OSError) as err:
             raise RequestError(400, f"video #{index}: \"npy\" is not a .npy array: {err}") from None
-        return array
 
-    def _allowed_path(self, path, index: int) -> str:
+    def _allowed_path(self, path: str, index: int) -> str:
         if self.allow_path is None:
             raise RequestError(403, f"video #{index}: paths are not accepted by this server (start it with --allow-path DIR)")
-        if not isinstance(path, str) or not path:
+        if not path:
             raise RequestError(400, f'video #{index}: "path" must be a non-empty string')
         real = os.path.realpath(os.path.join(self.allow_path, path))
         if os.path.commonpath([real, self.allow_path]) != self.allow_path:
             raise RequestError(403, f"video #{index}: path {path!r} is outside the allowed directory")
         return real
 
-
-    def _clip(self, payload, index: int, name: str):
+    def _clip(self, payload: dict, index: int, name: str):
         from finger_reward.serve.wire import WireError, clip_from_payload
 
-        if not isinstance(payload, dict):
-            raise RequestError(400, f'video #{index}: "clip" must be an object (see finger_reward.serve.wire)')
         if self.sampling is None:
             raise RequestError(400, f"video #{index}: this server takes no pre-sampled clips; send the file or frames")
         sent = payload.get("sampling")
@@ -190,6 +170,67 @@ class ScoreAPI:
             return clip_from_payload(payload, name)
         except WireError as err:
             raise RequestError(400, f"video #{index}: {err}") from None
+
+
+class ResultCache:
+    """Answers of scored requests by idempotency key, for `ttl_s` seconds: a client's retry is not scored twice.
+
+    A retry that arrives while the first attempt is still scoring waits for that attempt's answer. Refusals
+    (`RequestError`: 429, 413, ...) are not kept, so the retry is tried afresh."""
+
+    def __init__(self, ttl_s: float, max_entries: int):
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._entries: OrderedDict[str, tuple[float, bytes, asyncio.Task]] = OrderedDict()
+        self.hits = 0
+
+    async def get_or_run(self, key: str, digest: bytes, run: Callable[[], Awaitable]):
+        self._expire()
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry[1] != digest:
+                raise RequestError(422, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different body")
+            self.hits += 1
+            task = entry[2]
+        else:
+            task = asyncio.ensure_future(run())  # scoring goes on if this request's connection drops
+            self._entries[key] = (time.monotonic(), digest, task)
+            task.add_done_callback(lambda t: self._forget_refusal(key, t))
+        return await asyncio.shield(task)
+
+    def _forget_refusal(self, key: str, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            entry = self._entries.get(key)
+            if entry is not None and entry[2] is task:
+                del self._entries[key]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._entries:
+            key, (born, _, task) = next(iter(self._entries.items()))
+            if (now - born < self.ttl_s and len(self._entries) <= self.max_entries) or not task.done():
+                break
+            del self._entries[key]
+
+
+def _validation_message(err) -> str:
+    """The first problem of a `ScoreRequest` validation, in the service's words (naming the video)."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "missing" and len(e["loc"]) == 1), errors[0])
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        return f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+    if kind in ("model_type", "missing") and len(loc) <= 1:
+        return 'body must be an object with "videos" and "prompts"'
+    if loc[:1] == ("videos",) and len(loc) >= 2 and isinstance(loc[1], int):
+        return (f'video #{loc[1]}: expected a base64 string or an object with one of "data", "clip", "npy", "path" '
+                '(and optional "name", "video_fps")')
+    if loc[:1] == ("videos",) and kind != "value_error":
+        return '"videos" must be a non-empty list'
+    if loc[:1] == ("prompts",):
+        return '"prompts" must be one string or a list of strings (one per video)'
+    if loc[:1] == ("video_fps",):
+        return f'"video_fps": must be one frame rate or a list (one per video, null where unknown): {first["msg"]}'
+    return first["msg"].removeprefix("Value error, ")
 
 
 def _entry_name(item, index: int) -> str:
@@ -228,7 +269,8 @@ def _b64(text, index: int) -> bytes:
         raise RequestError(400, f"video #{index}: not valid base64{hint}") from None
 
 
-def _results_reply(outcomes: list, names: list[str], prompts: list[str]) -> Reply:
+def results_payload(outcomes: list, names: list[str], prompts: list[str]) -> tuple[int, dict]:
+    """(status, body) for the outcomes of one request: 200, or 400/500 with the failures by index."""
     from finger_reward.results import VideoScore
 
     results, failures, internal = [], {}, False
@@ -240,7 +282,19 @@ def _results_reply(outcomes: list, names: list[str], prompts: list[str]) -> Repl
         else:
             results.append(outcome.to_dict())
     if not failures:
-        return _json(200, {"results": results})
+        return 200, {"results": results}
     status = 500 if internal else 400
     message = f"{len(failures)} of {len(outcomes)} video(s) could not be scored"
-    return _json(status, {"results": results, "error": {"message": message, "status": status, "failures": failures}})
+    return status, {"results": results, "error": {"message": message, "status": status, "failures": failures}}
+
+
+def json_response(status: int, payload: dict, headers: dict | None = None):
+    """Strict JSON (NaN as null), as every client parses it."""
+    from starlette.responses import Response
+
+    body = json.dumps(json_safe(payload), allow_nan=False).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict | None = None):
+    return json_response(status, {"error": {"message": message, "status": status}}, headers)

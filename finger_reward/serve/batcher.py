@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from finger_reward.errors import FingerError
-from finger_reward.serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class Batcher:
         max_wait_ms: float = 10.0,
         max_queue: int = 256,
         prepare_workers: int | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry=None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0")
@@ -53,7 +52,7 @@ class Batcher:
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry  # a `serve.telemetry.Telemetry` for a server's metrics; None: none kept
         self._room = threading.Condition()
         self._ready: queue.Queue = queue.Queue()
         workers = prepare_workers or default_prepare_workers(reward)
@@ -88,7 +87,7 @@ class Batcher:
             if not (self._room.wait_for(has_room, timeout) if block else has_room()):
                 raise QueueFull(f"the queue holds {self._in_flight} of {self.max_queue} videos; retry later")
             self._in_flight += len(videos)
-            self.telemetry.set_queue_depth(self._in_flight)
+            self._gauge()
         futures = []
         for i, (video, prompt) in enumerate(zip(videos, prompts)):
             future: Future = Future()
@@ -118,7 +117,8 @@ class Batcher:
         except Exception as err:  # e.g. a question generator that raised
             job = err
         if isinstance(job, Exception):
-            self.telemetry.video_failed()
+            if self.telemetry is not None:
+                self.telemetry.video_failed()
             future.set_exception(job)
         else:
             self._ready.put((job, future))
@@ -148,6 +148,7 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list) -> None:
+        start = time.perf_counter()
         try:
             outcomes = self.reward.run([job for job, _ in batch])
         except Exception as err:  # the model itself failed: every video of the batch gets the error
@@ -160,10 +161,15 @@ class Batcher:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        self.telemetry.batch(len(batch), failed)
+        if self.telemetry is not None:
+            self.telemetry.batch(len(batch), failed, time.perf_counter() - start)
 
     def _release(self, _future: Future) -> None:
         with self._room:
             self._in_flight -= 1
-            self.telemetry.set_queue_depth(self._in_flight)
+            self._gauge()
             self._room.notify_all()
+
+    def _gauge(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.set_queue_depth(self._in_flight)

@@ -25,6 +25,10 @@ class ServeConfig:
     max_batch_tokens: int | None = None
     max_wait_ms: float = 10.0
     max_queue: int = 256
+    drain_timeout_s: float = field(default=60.0, metadata={
+        "help": "on SIGTERM/SIGINT, how long requests already received may take to be answered before exit"})
+    result_ttl_s: float = field(default=300.0, metadata={
+        "help": "how long an answer is kept for a retry with the same Idempotency-Key header"})
     prepare_workers: int | None = field(default=None, metadata={"help": "decoding threads (default: 1 beside a CPU model, more beside a GPU)"})
     replicas: int | None = field(default=None, metadata={"help": "Ray Serve replicas; None runs one process without Ray"})
     num_gpus_per_replica: float | None = field(default=None, metadata={"help": "default: 1 when CUDA is present, else 0"})

@@ -1,4 +1,4 @@
-"""The service in one process: uvicorn + Starlette in front of the in-process batcher."""
+"""The service in one process: the FastAPI app (app.py) under uvicorn, in front of the in-process batcher."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from finger_reward.serve.api import ScoreAPI
 from finger_reward.serve.batcher import Batcher
 from finger_reward.serve.config import ServeConfig
+from finger_reward.serve.telemetry import Telemetry
 
 
 def batcher_score_many(batcher: Batcher):
@@ -21,33 +22,26 @@ def batcher_score_many(batcher: Batcher):
     return score_many
 
 
-def build_app(api: ScoreAPI):
-    """A Starlette app that hands every request to `api`."""
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    async def endpoint(request):
-        reply = await api(request.method, request.url.path, request.headers, request.body)
-        return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers)
-
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
-    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)])
-
-
 class LocalServer:
-    """FingerReward behind HTTP in this process. `run()` blocks until SIGINT/SIGTERM; `start()` runs in a thread."""
+    """FingerReward behind HTTP in this process. `run()` blocks until SIGINT/SIGTERM; `start()` runs in a thread.
+
+    Stopping drains: the port closes at once, requests already received are answered (for up to
+    `drain_timeout_s`), then the batcher finishes and the call returns."""
 
     def __init__(self, reward, config: ServeConfig | None = None):
         import uvicorn
 
+        from finger_reward.serve.app import build_app
+
         self.config = config or ServeConfig()
-        self.batcher = reward.start_batcher(**self.config.batcher_options())
+        self.batcher = reward.start_batcher(**self.config.batcher_options(), telemetry=Telemetry())
         self.api = ScoreAPI(batcher_score_many(self.batcher), token=self.config.token,
                             allow_path=self.config.allow_path, max_payload_mb=self.config.max_payload_mb,
-                            telemetry=self.batcher.telemetry, sampling=reward.sampling())
+                            telemetry=self.batcher.telemetry, sampling=reward.sampling(),
+                            result_ttl_s=self.config.result_ttl_s)
         uv_config = uvicorn.Config(build_app(self.api), host=self.config.host, port=self.config.port,
-                                   log_level="warning", lifespan="off")
+                                   log_level="warning", lifespan="off", access_log=False,
+                                   timeout_graceful_shutdown=self.config.drain_timeout_s)
         self.server = uvicorn.Server(uv_config)
         self._thread: threading.Thread | None = None
 
@@ -63,6 +57,7 @@ class LocalServer:
         # place that ends here instead of killing the process, so it exits with status 0.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        _show_access_log()
         try:
             self.server.run()
         finally:
@@ -93,3 +88,17 @@ class LocalServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _show_access_log() -> None:
+    """Access lines on stderr for a server run as a command, unless the application configured logging itself."""
+    import logging
+    import sys
+
+    from finger_reward.serve.api import access_log
+
+    if not access_log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)

@@ -3,9 +3,9 @@
     finger-reward serve --model DIR --replicas 4        # or, from Python:
     url = run_ray(ServeConfig(model="DIR", replicas=4), blocking=False)
 
-Each replica loads `FingerReward`, hands every HTTP request to the same `ScoreAPI` as the
-one-process server (local.py), decodes videos in threads and batches prepared videos from all
-of its requests with `@serve.batch`. Overload answers 503 from Ray Serve's queue limit
+Each replica loads `FingerReward` and serves the same FastAPI app as the one-process server
+(`app.build_app`, as the `@serve.ingress` app), decodes videos in threads and batches prepared
+videos from all of its requests with `@serve.batch`. Overload answers 503 from Ray Serve's queue limit
 (`max_queued_requests`), which `FingerRewardClient` retries. On a multi-machine cluster
 (`$RAY_ADDRESS`), `finger_reward` and the model must be present on every node. Ray is imported
 only when these functions are called.
@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from finger_reward.serve.api import ScoreAPI
 from finger_reward.serve.config import ServeConfig
@@ -34,26 +35,26 @@ def _replica_class():
     """The deployment class; defined on first use so that importing this module does not import Ray."""
     from ray import serve
 
+    @serve.ingress()
     class FingerRewardReplica:
-        """One model replica: `ScoreAPI` in front, prepared videos batched into `FingerReward.run`."""
+        """One model replica: the service's FastAPI app in front, prepared videos batched into `FingerReward.run`."""
 
         def __init__(self, config: ServeConfig):
             self.reward = config.build_reward()
             self.telemetry = Telemetry()
             self.api = ScoreAPI(self._score_many, token=config.token, allow_path=config.allow_path,
                                 max_payload_mb=config.max_payload_mb, telemetry=self.telemetry,
-                                sampling=self.reward.sampling())
+                                sampling=self.reward.sampling(), result_ttl_s=config.result_ttl_s)
             self._run_batch.set_max_batch_size(config.max_batch_size)
             self._run_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
             self._in_flight = 0
             logger.info("replica ready: %s", config.model)
 
-        async def __call__(self, request):
-            """Answer one HTTP request (a starlette `Request`) with a starlette `Response`."""
-            from starlette.responses import Response
+        def __serve_build_asgi_app__(self):
+            """The app Ray Serve's ingress serves: the one `LocalServer` runs, over this replica's `ScoreAPI`."""
+            from finger_reward.serve.app import build_app
 
-            reply = await self.api(request.method, request.url.path, request.headers, request.body)
-            return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers)
+            return build_app(self.api)
 
         async def _score_many(self, videos: list, prompts: list[str], names: list[str], video_fps: list) -> list:
             """Decode in a thread, then batch each prepared video; errors stay in their video's place."""
@@ -73,8 +74,9 @@ def _replica_class():
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
         async def _run_batch(self, jobs: list) -> list:
             """Score one batch on the model in a thread; an exception is returned as that job's outcome."""
+            start = time.perf_counter()
             outcomes = await asyncio.to_thread(self.reward.run, jobs)
-            self.telemetry.batch(len(jobs), sum(isinstance(o, Exception) for o in outcomes))
+            self.telemetry.batch(len(jobs), sum(isinstance(o, Exception) for o in outcomes), time.perf_counter() - start)
             return outcomes
 
         def _track(self, change: int) -> None:

@@ -1,72 +1,74 @@
-"""Counters and histograms for the service, rendered in the Prometheus text format."""
+"""The service's Prometheus metrics, from `prometheus_client`, in a registry of its own per server or replica.
+
+A registry per `Telemetry` (not the process-wide default) keeps two servers in one process, as in tests, apart.
+"""
 
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Scoring a video takes from a fraction of a second (small model, GPU) to minutes (reason mode, CPU).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        index = bisect_left(self.buckets, value)
-        if index < len(self.buckets):
-            self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        cumulative, out = 0, []
-        for bound, n in zip(self.buckets, self.counts):
-            cumulative += n
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
-
-
 class Telemetry:
-    """Thread-safe service statistics: requests by status, videos, batch sizes, latency, queue depth."""
+    """Requests by status, videos by outcome, queue depth, batch sizes, request and batch latency."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[int, int] = {}
-        self.videos_scored = self.videos_failed = 0
-        self.batch_size = Histogram(BATCH_BUCKETS)
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.queue_depth = 0
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def request(self, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            self.latency.observe(seconds)
+        self.registry = CollectorRegistry()
+        own = {"registry": self.registry}
+        self._requests = Counter("finger_requests", "score requests answered, by HTTP status", ["status"], **own)
+        self._videos = Counter("finger_videos", "videos scored or failed", ["outcome"], **own)
+        self._request_videos = Counter("finger_request_videos", "videos in answered score requests", **own)
+        self._latency = Histogram("finger_request_latency_seconds", "time to answer a score request",
+                                  buckets=LATENCY_BUCKETS, **own)
+        self._batch_latency = Histogram("finger_batch_latency_seconds", "model time of one batch",
+                                        buckets=LATENCY_BUCKETS, **own)
+        self._batch_size = Histogram("finger_batch_size", "videos per model batch", buckets=BATCH_BUCKETS, **own)
+        self._queue = Gauge("finger_queue_depth", "videos accepted and not yet answered", **own)
+        for outcome in ("scored", "failed"):
+            self._videos.labels(outcome)
 
-    def batch(self, size: int, failed: int) -> None:
-        with self._lock:
-            self.batch_size.observe(size)
-            self.videos_scored += size - failed
-            self.videos_failed += failed
+    def request(self, status: int, seconds: float, videos: int = 0) -> None:
+        self._requests.labels(str(status)).inc()
+        self._latency.observe(seconds)
+        self._request_videos.inc(videos)
+
+    def batch(self, size: int, failed: int, seconds: float | None = None) -> None:
+        self._batch_size.observe(size)
+        self._videos.labels("scored").inc(size - failed)
+        self._videos.labels("failed").inc(failed)
+        if seconds is not None:
+            self._batch_latency.observe(seconds)
 
     def video_failed(self) -> None:
         """A video that failed before reaching the model (unreadable, no questions)."""
-        with self._lock:
-            self.videos_failed += 1
+        self._videos.labels("failed").inc()
 
     def set_queue_depth(self, depth: int) -> None:
-        self.queue_depth = depth
+        self._queue.set(depth)
 
-    def render(self) -> str:
-        with self._lock:
-            lines = ["# TYPE finger_requests_total counter"]
-            lines += [f'finger_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += ["# TYPE finger_videos_total counter",
-                      f'finger_videos_total{{outcome="scored"}} {self.videos_scored}',
-                      f'finger_videos_total{{outcome="failed"}} {self.videos_failed}',
-                      "# TYPE finger_batch_size histogram", *self.batch_size.lines("finger_batch_size"),
-                      "# TYPE finger_request_latency_seconds histogram",
-                      *self.latency.lines("finger_request_latency_seconds"),
-                      "# TYPE finger_queue_depth gauge", f"finger_queue_depth {self.queue_depth}"]
-        return "\n".join(lines) + "\n"
+    def value(self, name: str, **labels) -> float:
+        """One sample's current value (0 when absent), e.g. `value("finger_batch_size_bucket", le="1.0")`."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    @property
+    def requests(self) -> dict[int, int]:
+        """Answered score requests by HTTP status."""
+        return {int(s.labels["status"]): int(s.value) for metric in self._requests.collect()
+                for s in metric.samples if s.name == "finger_requests_total"}
+
+    @property
+    def videos_scored(self) -> int:
+        return int(self.value("finger_videos_total", outcome="scored"))
+
+    @property
+    def videos_failed(self) -> int:
+        return int(self.value("finger_videos_total", outcome="failed"))
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
