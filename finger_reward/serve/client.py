@@ -11,7 +11,8 @@ scores exactly as `FingerReward.score` would score the array in process. Files a
 are (they carry their own frame rate). Large batches are split into requests of at most
 `videos_per_request` videos and the service's payload limit, sent `concurrency` at a time, so the
 service can batch them with other callers' videos. 429/503 answers and dropped connections are
-retried with exponential back-off. `stats` holds the last `score`'s bytes, requests and timings.
+retried with exponential back-off; each request carries an `Idempotency-Key`, so a retry of a
+request the service had already scored is answered from its result cache, not scored twice. `stats` holds the last `score`'s bytes, requests and timings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -225,7 +227,9 @@ class FingerRewardClient:
         """Score some entries in one request: (bytes sent, their results in order)."""
         body = json.dumps({"videos": [payloads[i] for i in indices],
                            "prompts": [prompts[i] for i in indices]}).encode()
-        response = self._request("POST", "/v1/score", content=body, allow={400, 409, 500})
+        # One id for every attempt of this request: a retry after a dropped answer gets the scored one back.
+        response = self._request("POST", "/v1/score", content=body, allow={400, 409, 500},
+                                 headers={"Idempotency-Key": uuid.uuid4().hex})
         if response.status_code == 409:
             raise _Resample()
         try:
@@ -245,7 +249,8 @@ class FingerRewardClient:
                 self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers, limits=limits)
             return self._http
 
-    def _request(self, method: str, path: str, content: bytes | None = None, allow: set[int] = frozenset()):
+    def _request(self, method: str, path: str, content: bytes | None = None, allow: set[int] = frozenset(),
+                 headers: dict[str, str] | None = None):
         import httpx
 
         problem, refused = "no attempt made", 0
@@ -255,8 +260,8 @@ class FingerRewardClient:
             elif attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
             try:
-                headers = {"Content-Type": "application/json"} if content is not None else None
-                response = self._client().request(method, path, content=content, headers=headers)
+                sent = {**({"Content-Type": "application/json"} if content is not None else {}), **(headers or {})}
+                response = self._client().request(method, path, content=content, headers=sent)
             except httpx.ConnectError as err:
                 refused += 1
                 problem = f"{err}"
