@@ -115,3 +115,57 @@ def test_retry_after_a_dropped_answer_is_not_scored_twice(reward, mp4_paths):
             assert server.api.results.hits == 1
         finally:
             proxy.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def received_videos(url: str) -> float:
+    """Videos the server holds or has scored, from its metrics."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    values = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    return float(values["finger_queue_depth"]) + float(values['finger_videos_total{outcome="scored"}'])
+
+
+def test_sigterm_drains_requests_in_flight(tiny_model_dir, bank_path, reward, mp4_paths, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "finger_reward.cli", "serve", "--model", str(tiny_model_dir),
+               "--questions", str(bank_path), "--port", str(port)]
+    with open(tmp_path / "log.txt", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline and process.poll() is None:
+                try:
+                    if httpx.get(f"{url}/v1/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.3)
+            client = FingerRewardClient(url, max_retries=0, concurrency=6)  # no retry hides a lost answer; 12 connections
+            client.health()
+            jobs = [list(mp4_paths) for _ in range(12)]  # 36 videos, seconds of scoring on 2 cores
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                answers = [pool.submit(client.score, videos, PROMPTS[i % 2]) for i, videos in enumerate(jobs)]
+                while received_videos(url) < 36:  # every request received: now stop the server
+                    time.sleep(0.01)
+                assert not any(a.done() for a in answers)
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                assert process.poll() is None, "exited without finishing its requests"
+                with pytest.raises(httpx.ConnectError):  # stopped accepting while it drains
+                    httpx.get(f"{url}/v1/health")
+                results = [a.result(timeout=120) for a in answers]
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+        log.seek(0)
+        text = log.read()
+    for i, got in enumerate(results):
+        for path, result in zip(mp4_paths, got):
+            assert_same(result, reward.score([path], PROMPTS[i % 2])[0], tol=1e-5)
+    assert text.count("POST /v1/score 200 videos=3") == len(jobs), text[-2000:]

@@ -106,6 +106,7 @@ def build_deployment(config: ServeConfig):
         ray_actor_options={"num_gpus": _num_gpus(config), "num_cpus": config.num_cpus_per_replica},
         max_ongoing_requests=max(2, config.max_batch_size * 2),
         max_queued_requests=config.max_queue,
+        graceful_shutdown_timeout_s=config.drain_timeout_s,  # a stopping replica answers what it holds first
     )
     return deployment.bind(config)
 
