@@ -66,10 +66,15 @@ def _rows(path: Path) -> list[tuple[dict, VideoScore]]:
 
 
 def _collapse(rows, root) -> dict[tuple[str, str], tuple[dict, VideoScore]]:
-    """One row per (key, prompt) in first-seen order: the last success, else the last failure."""
+    """One row per (key, prompt) in first-seen order: the last success, else the last failure.
+
+    A row's stored key is relative to the root it was written with, so it identifies the row only
+    when a root is given now; without one, rows are matched by their video's absolute path.
+    """
     kept: dict[tuple[str, str], tuple[dict, VideoScore]] = {}
     for record, result in rows:
-        ident = (record.get("key") or video_key(result.video, root), result.prompt)
+        stored = record.get("key") if root is not None else None
+        ident = (stored or video_key(result.video, root), result.prompt)
         if ident not in kept or result.ok or not kept[ident][1].ok:
             kept[ident] = (record, result)
     return kept

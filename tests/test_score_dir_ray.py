@@ -109,7 +109,7 @@ def test_ray_equals_single_process(ray_cluster, world, tiny_model_dir, single, t
     err = capsys.readouterr().err
     total = len(world[0].clips) + 2
     assert f"scoring {total} video(s) on 2 Ray worker(s)" in err and f"{total} video(s) scored by 2 worker(s)" in err
-    assert f"{total - 2} of {total} video(s) scored" in err
+    assert f"{total - 2} scored, 2 failed, 0 skipped (already scored) of {total} video(s)" in err
     got, want = rows_by_video(out), rows_by_video(single)
     assert set(got) == set(want) and len(got) == total
     for video, row in want.items():
@@ -145,8 +145,12 @@ def test_resume_scores_only_the_rest(ray_cluster, world, tiny_model_dir, single,
     assert set(results) == set(keys) and results[keys[0]].overall == 0.123456
 
     caplog.clear()
-    assert set(score_on_ray(keys, out, load, workers=2)) == set(keys)  # nothing left: no Ray job
-    assert "scoring" not in caplog.text and out.read_text().splitlines() == after
+    # A rerun retries only the failed rows (the junk and the missing video), in place: one row per video.
+    failed = sum(row["error"] is not None for row in want.values())
+    assert set(score_on_ray(keys, out, load, workers=2)) == set(keys)
+    assert f"scoring {failed} video(s) on 2 Ray worker(s)" in caplog.text
+    again = out.read_text().splitlines()
+    assert len(again) == len(keys) and [line for line in again if line in after[:3]] == after[:3]
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(ray_cluster, world, tmp_path):
