@@ -79,8 +79,11 @@ def scoring_requests(url: str) -> int:
     """Requests the service has answered so far (its /metrics counter, all statuses)."""
     import httpx
 
-    text = httpx.get(f"{url}/metrics").text
-    return sum(int(n) for n in re.findall(r'^finger_requests_total\{status="\d+"\} (\d+)$', text, re.M))
+    from finger_reward.chat_http import auth_headers
+
+    # /metrics needs the service's token when it has one
+    text = httpx.get(f"{url}/metrics", headers=auth_headers(os.environ.get("FINGER_REWARD_TOKEN"))).text
+    return sum(int(float(n)) for n in re.findall(r'^finger_requests_total\{status="\d+"\} ([0-9.e+]+)$', text, re.M))
 
 
 def main() -> None:

@@ -80,8 +80,8 @@ def service_env(server, monkeypatch):
 
 
 def score_requests(server) -> int:
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(int(n) for n in re.findall(r'^finger_requests_total\{status="\d+"\} (\d+)$', text, re.M))
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer secret"}).text
+    return sum(int(float(n)) for n in re.findall(r'^finger_requests_total\{status="\d+"\} ([0-9.e+]+)$', text, re.M))
 
 
 def verl_config(tiny_model_dir, excerpt: dict, **reward_overrides):
