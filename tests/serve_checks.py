@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from finger_reward import BatchError
+from finger_reward import BatchError, Question, QuestionBank
+from finger_reward.questions import DIMENSIONS
 
 
 def assert_same(got, want, tol: float = 1e-6):
@@ -43,3 +44,10 @@ def corrupt_video_fails_alone(client, url, token, mp4_paths, direct, bad_prompt,
     body = raw.json()
     assert "#0" in body["error"]["failures"]["0"] and body["results"][0]["overall"] is None
     assert client.score([mp4_paths[1]], good_prompt)[0].ok  # still serving
+
+
+def write_bank(path, prompts):
+    """A question bank at `path`: for each prompt one question per dimension, polarities alternating."""
+    questions = [Question(p, dim, "thing", f"Q{k} about {p} in {dim}?", k % 2 == 0)
+                 for p in prompts for k, dim in enumerate(DIMENSIONS)]
+    return QuestionBank(questions).to_jsonl(path)

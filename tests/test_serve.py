@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
-from finger_reward import FingerReward, Question, QuestionBank, VideoError
-from finger_reward.questions import DIMENSIONS
+from finger_reward import FingerReward, VideoError
 from finger_reward.serve import Batcher, FingerRewardClient, QueueFull, ServeConfig, ServiceError
 from finger_reward.serve.local import LocalServer
 from finger_reward.serve.telemetry import Telemetry
+from tests import serve_checks
 from tests.serve_checks import assert_same, corrupt_video_fails_alone
 
 PROMPTS = ["a red circle moves right", "a blue square stays still", "a dog runs", "a cat sleeps"]
@@ -26,9 +26,7 @@ PROMPTS = ["a red circle moves right", "a blue square stays still", "a dog runs"
 
 @pytest.fixture(scope="module")
 def bank_path(tmp_path_factory):
-    questions = [Question(p, dim, "thing", f"Q{k} about {p} in {dim}?", k % 2 == 0)
-                 for p in PROMPTS for k, dim in enumerate(DIMENSIONS)]
-    return QuestionBank(questions).to_jsonl(tmp_path_factory.mktemp("serve") / "bank.jsonl")
+    return serve_checks.write_bank(tmp_path_factory.mktemp("serve") / "bank.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")

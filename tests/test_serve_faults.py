@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from finger_reward import FingerReward, Question, QuestionBank
-from finger_reward.questions import DIMENSIONS
+from finger_reward import FingerReward
 from finger_reward.serve import FingerRewardClient, ServeConfig
 from finger_reward.serve.local import LocalServer
+from tests import serve_checks
 from tests.serve_checks import assert_same
 
 PROMPTS = ["a red circle moves right", "a blue square stays still"]
@@ -23,9 +23,7 @@ PROMPTS = ["a red circle moves right", "a blue square stays still"]
 
 @pytest.fixture(scope="module")
 def bank_path(tmp_path_factory):
-    questions = [Question(p, dim, "thing", f"Q{k} about {p} in {dim}?", k % 2 == 0)
-                 for p in PROMPTS for k, dim in enumerate(DIMENSIONS)]
-    return QuestionBank(questions).to_jsonl(tmp_path_factory.mktemp("faults") / "bank.jsonl")
+    return serve_checks.write_bank(tmp_path_factory.mktemp("faults") / "bank.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")

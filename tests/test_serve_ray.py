@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from finger_reward import FingerReward, Question, QuestionBank
+from finger_reward import FingerReward
 from tests import serve_checks
 from tests.serve_checks import corrupt_video_fails_alone
-from finger_reward.questions import DIMENSIONS
 from finger_reward.serve import FingerRewardClient, ServeConfig
 
 pytestmark = [
@@ -52,9 +51,7 @@ def wait_healthy(url: str, process=None, timeout: float = 90) -> None:
 
 @pytest.fixture(scope="module")
 def bank_path(tmp_path_factory):
-    questions = [Question(p, dim, "thing", f"Q{k} about {p} in {dim}?", k % 2 == 0)
-                 for p in PROMPTS for k, dim in enumerate(DIMENSIONS)]
-    return QuestionBank(questions).to_jsonl(tmp_path_factory.mktemp("ray") / "bank.jsonl")
+    return serve_checks.write_bank(tmp_path_factory.mktemp("ray") / "bank.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")
