@@ -2,6 +2,7 @@
 
     python benchmarks/service.py                          # small random Qwen2.5-VL, 32 clients
     python benchmarks/service.py --model PATH --clients 32 --videos 128
+    python benchmarks/service.py --soak 120 [--model PATH] [--soak-clients 64]
 
 Direct: `FingerReward.score(videos, prompts)` on all videos at once. Service: the same
 FingerReward behind `LocalServer` on 127.0.0.1, `--clients` threads each sending one video
@@ -13,14 +14,26 @@ the same with +-8 noise as a hard case for compression), one request each way: b
 per clip against the raw base64 .npy the client used to send (the baseline, encoded in this
 process), and the client's preparation time (sample, resize, compress) beside the request time
 (scoring) per clip, with the largest difference from in-process scores of the same arrays.
+
+`--soak SECONDS` instead starts a real `finger-reward serve` process on 127.0.0.1 and sends mixed
+requests from `--soak-clients` threads for that long: good videos, corrupt videos (each must fail
+alone, the rest of its request scored) and malformed bodies (400). It prints throughput, p50/p99
+latency, the outcomes by kind, and the server process's resident memory (VmRSS, and its peak
+VmHWM) after warm-up and at the end, so a leak shows as growth.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,7 +69,11 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each path; medians are printed")
     parser.add_argument("--wan-clips", type=int, default=4, help="Wan-size clips for the transport figures (0: skip)")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of mixed load on a `finger-reward serve` process")
+    parser.add_argument("--soak-clients", type=int, default=64)
     args = parser.parse_args()
+    if args.soak:
+        return soak(args)
 
     prompt = "a red circle moves from left to right"
     questions = [Question(prompt, DIMENSIONS[i % 5], "red circle", f"Question {i} about the red circle?", i % 2 == 0)
@@ -147,6 +164,103 @@ def wan_size(reward, prompt: str, count: int, max_batch_size: int) -> None:
             print(f"{'':14}  client preparation {stats.prepare_s / count * 1000:6.0f} ms/clip (raw .npy encoding "
                   f"{raw_s * 1000:.0f} ms), request incl. scoring {stats.request_s / count * 1000:6.0f} ms/clip "
                   f"(preparation/request {stats.prepare_s / stats.request_s:.2f}); max |overall difference| {worst:.1e}")
+
+
+# ---- soak --------------------------------------------------------------------------------------------------
+
+
+def _memory(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB, from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(model: str, port: int) -> subprocess.Popen:
+    import httpx
+
+    server = subprocess.Popen([sys.executable, "-m", "finger_reward.cli", "serve", "--model", model, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("the server did not become healthy in 120 s")
+
+
+def soak(args) -> None:
+    """Mixed good and bad requests from many clients against a real server process; outcomes, latency, memory."""
+    import httpx
+
+    from finger_reward.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(make_tiny_model(Path(tmp) / "model"))
+        good = make_videos(Path(tmp), 8, 64)
+        corrupt = Path(tmp) / "corrupt.mp4"
+        corrupt.write_bytes(b"\x00not a video" * 64)
+        port = _free_port()
+        server = _start_server(model, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            client = FingerRewardClient(url, videos_per_request=2, on_error="nan")
+            client.score(good[:2], "a red circle moves")  # warm-up
+            start_memory = _memory(server.pid)
+            outcomes, latencies, lock = Counter(), [], threading.Lock()
+            stop = time.perf_counter() + args.soak
+
+            def worker(seed: int) -> None:
+                rng, session = random.Random(seed), httpx.Client(timeout=600)
+                own = FingerRewardClient(url, videos_per_request=2, on_error="nan")
+                while time.perf_counter() < stop:
+                    kind = rng.choices(["good", "corrupt", "malformed"], weights=[6, 2, 1])[0]
+                    t = time.perf_counter()
+                    try:
+                        if kind == "malformed":
+                            code = session.post(f"{url}/v1/score", content=b"{not json").status_code
+                            outcome = f"malformed: HTTP {code}"
+                        else:
+                            videos = [rng.choice(good), corrupt if kind == "corrupt" else rng.choice(good)]
+                            scores = own.score(videos, "a red circle moves")
+                            ok = [s.ok for s in scores]
+                            outcome = f"{kind}: " + ("scored" if all(ok) else "bad video failed alone" if ok == [True, False]
+                                                      else f"unexpected {ok}")
+                    except Exception as err:  # counted by kind; a soak must not stop at the first error
+                        outcome = f"{kind}: {type(err).__name__}"
+                    with lock:
+                        outcomes[outcome] += 1
+                        latencies.append(time.perf_counter() - t)
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.soak_clients)]
+            began = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - began
+            end_memory = _memory(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+    latencies.sort()
+    total = sum(outcomes.values())
+    print(f"soak: {args.soak:.0f} s, {args.soak_clients} clients, server `finger-reward serve --model "
+          f"{args.model or 'tiny random'}` on 127.0.0.1")
+    print(f"requests: {total} in {elapsed:.1f} s = {total / elapsed:.2f}/s; latency p50 "
+          f"{statistics.median(latencies) * 1000:.0f} ms, p99 {latencies[min(total - 1, int(0.99 * total))] * 1000:.0f} ms")
+    for outcome, count in sorted(outcomes.items()):
+        print(f"  {outcome:<40} {count}")
+    print(f"server memory after warm-up: RSS {start_memory[0]:.0f} MB (peak {start_memory[1]:.0f} MB); "
+          f"at the end: RSS {end_memory[0]:.0f} MB (peak {end_memory[1]:.0f} MB)")
 
 
 if __name__ == "__main__":

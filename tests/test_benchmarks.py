@@ -78,3 +78,11 @@ def test_vllm_parity_benchmark_agrees_with_the_stand_in_server():
     assert compared + reread == 60 and compared >= 40, out  # most answers come from the reason's own generation
     if reread:  # closed as the server closes them: the same text, tokenized as one
         assert float(re.search(r"max \|P\(Yes\)\| among them ([0-9.e+-]+)", out).group(1)) <= 1e-4, out
+
+
+def test_service_soak_runs_a_real_server_under_mixed_load():
+    """A few seconds of `--soak`: a real `finger-reward serve` process, good, corrupt and malformed requests."""
+    out = run_script("service.py", "--soak", "3", "--soak-clients", "4")
+    assert "good: scored" in out and "corrupt: bad video failed alone" in out and "malformed: HTTP 400" in out, out
+    assert "unexpected" not in out and "Error" not in out, out  # every request ended as its kind should
+    assert re.search(r"server memory after warm-up: RSS \d+ MB .* at the end: RSS \d+ MB", out), out
