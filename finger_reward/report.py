@@ -82,8 +82,9 @@ def write_report(
     """
     if frames_per_strip < 1:
         raise ValueError(f"frames_per_strip must be >= 1, got {frames_per_strip}")
-    head = f"<h1>{html.escape(title)}</h1>" + _summary(results, summary) + _video_table(results)
-    body = head + _plots(results) + "\n".join(_card(s, h, frames_per_strip, i) for i, (s, h) in enumerate(results))
+    scores = _Scores.of(results)
+    head = f"<h1>{html.escape(title)}</h1>" + _summary(results, scores, summary) + _video_table(results)
+    body = head + _plots(scores) + "\n".join(_card(s, h, frames_per_strip, i) for i, (s, h) in enumerate(results))
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head>\n<body>\n{body}\n<script>{_SORT_SCRIPT}</script>\n</body></html>\n")
     out_path = Path(out_path)
@@ -107,27 +108,37 @@ document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventL
 """
 
 
-def _summary(results: list[tuple[VideoScore, dict | None]], text: str | None) -> str:
+@dataclasses.dataclass
+class _Scores:
+    """The scored videos' scores per key ("overall" and each dimension), and their (model, human) pairs and
+    SRCC/PLCC for the keys with at least 3 human scores: computed once for the summary and the plots."""
+
+    model: dict[str, list[float]]
+    pairs: dict[str, list[tuple[float, float]]]
+    corr: dict[str, tuple[float, float]]
+
+    @classmethod
+    def of(cls, results: list[tuple[VideoScore, dict | None]]) -> "_Scores":
+        scored = [(s, h or {}) for s, h in results if s.ok]
+        keys = ["overall", *_ordered({d for s, _ in scored for d in s.dimensions})] if scored else []
+        model = {k: [s.overall if k == "overall" else s.dimensions.get(k, math.nan) for s, _ in scored] for k in keys}
+        pairs = {k: xy for k, v in model.items() if len(xy := _with_human(v, [h for _, h in scored], k)) >= 3}
+        return cls(model, pairs, {k: _correlations(*np.array(xy).T) for k, xy in pairs.items()})
+
+
+def _summary(results: list[tuple[VideoScore, dict | None]], scores: _Scores, text: str | None) -> str:
     """Counts, the mean of every score over the scored videos, agreement with humans where known."""
-    scored = [(s, h or {}) for s, h in results if s.ok]
-    parts = [f"<p class='muted'>{len(results)} video(s): {len(scored)} scored, {len(results) - len(scored)} failed.</p>"]
-    if scored:
-        keys = ["overall", *_ordered({d for s, _ in scored for d in s.dimensions})]
-        means = {k: np.nanmean([s.overall if k == "overall" else s.dimensions.get(k, math.nan) for s, _ in scored])
-                 for k in keys}
-        cells = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{v:.3f}</td></tr>" for k, v in means.items())
+    scored = sum(s.ok for s, _ in results)
+    parts = [f"<p class='muted'>{len(results)} video(s): {scored} scored, {len(results) - scored} failed.</p>"]
+    if scores.model:
+        cells = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{np.nanmean(v):.3f}</td></tr>"
+                        for k, v in scores.model.items())
         parts.append(f"<table class='corr'><thead><tr><th>score</th><th>mean</th></tr></thead><tbody>{cells}</tbody></table>")
-        pairs = {k: xy for k in keys if len(xy := _with_human(_model_scores(scored, k), [h for _, h in scored], k)) >= 3}
-        if pairs:
-            parts += ["<h2>Model vs human</h2>",
-                      _correlation_table(pairs, {k: _correlations(*np.array(xy).T) for k, xy in pairs.items()})]
+    if scores.pairs:
+        parts += ["<h2>Model vs human</h2>", _correlation_table(scores.pairs, scores.corr)]
     if text:
         parts.append(f"<h2>Agreement with humans</h2><pre>{html.escape(text)}</pre>")
     return "<div class='plots'><h2>Summary</h2>" + "\n".join(parts) + "</div>"
-
-
-def _model_scores(scored: list[tuple[VideoScore, dict]], key: str) -> list[float]:
-    return [s.overall if key == "overall" else s.dimensions.get(key, math.nan) for s, _ in scored]
 
 
 def _video_table(results: list[tuple[VideoScore, dict | None]]) -> str:
@@ -213,18 +224,14 @@ def _questions_table(score: VideoScore) -> str:
 # ---- plots over the whole set -------------------------------------------------------------------
 
 
-def _plots(results: list[tuple[VideoScore, dict | None]]) -> str:
+def _plots(scores: _Scores) -> str:
     """Score histograms, and model-vs-human scatter plots when at least 3 videos have human scores."""
-    scored = [(s, h or {}) for s, h in results if s.ok]
-    if not scored:
+    if not scores.model:
         return "<div class='plots'><p class='note'>No video was scored; nothing to plot.</p></div>"
-    model = {key: _model_scores(scored, key) for key in ["overall", *_ordered({d for s, _ in scored for d in s.dimensions})]}
-    parts = ["<h2>Score distributions</h2>", f"<img alt='score histograms' src='{_data_uri(_histograms(model))}'>"]
-    pairs = {key: xy for key, xy in ((k, _with_human(v, [h for _, h in scored], k)) for k, v in model.items()) if len(xy) >= 3}
-    if pairs:
-        corr = {key: _correlations(*np.array(xy).T) for key, xy in pairs.items()}
+    parts = ["<h2>Score distributions</h2>", f"<img alt='score histograms' src='{_data_uri(_histograms(scores.model))}'>"]
+    if scores.pairs:
         parts += ["<h2>Model vs human</h2>",  # the SRCC/PLCC table is in the summary
-                  f"<img alt='model vs human scatter plots' src='{_data_uri(_scatters(pairs, corr))}'>"]
+                  f"<img alt='model vs human scatter plots' src='{_data_uri(_scatters(scores.pairs, scores.corr))}'>"]
     return "<div class='plots'>" + "\n".join(parts) + "</div>"
 
 
