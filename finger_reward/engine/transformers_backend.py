@@ -71,7 +71,7 @@ class _Packed:
     seg: torch.Tensor  # (videos, slots): packing.PREFIX, packing.PAD or the question index of each cached slot
     rope_delta: torch.Tensor  # (videos, 1)
     start: int  # the slot of the first text token after the prefixes
-    off: torch.Tensor | None = None  # (videos, slots): each question slot's offset in its question, else -1
+    off: torch.Tensor  # (videos, slots): each question slot's offset in its question, else -1
     next_offset: dict = field(default_factory=dict)  # (video row, question) -> offset of its next token
 
 
@@ -305,7 +305,8 @@ class TransformersEngine:
         from transformers import DynamicCache
 
         seg = torch.where(prefix.mask.bool(), packing.PREFIX, packing.PAD)
-        return _Packed(DynamicCache(ddp_cache_data=prefix.kv), seg, prefix.rope_delta, prefix.length)
+        return _Packed(DynamicCache(ddp_cache_data=prefix.kv), seg, prefix.rope_delta, prefix.length,
+                       off=torch.full_like(seg, -1))
 
     def _forward(self, state: _Packed, pieces: packing.Pieces) -> torch.Tensor:
         """Append `pieces` to the packed cache in one forward; the decoder's last hidden state at each piece's end.
@@ -316,8 +317,6 @@ class TransformersEngine:
         layout = packing.lay_out(pieces, self.pad_id)
         ids, seg = layout.ids.to(self.device), layout.seg.to(self.device)
         off = torch.where(seg == packing.PAD, -1, layout.offsets.to(self.device))
-        if state.off is None:
-            state.off = torch.full_like(state.seg, -1)
         _supersede(state, pieces)
         positions = (layout.offsets.to(self.device) + state.start + state.rope_delta)[None].expand(3, -1, -1)
         mask = packing.block_mask(state.seg, seg, self.model.dtype)
