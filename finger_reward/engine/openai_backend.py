@@ -13,7 +13,8 @@ generation does not get there as the local engine would (the reason runs past `m
 the turn ends, or anything but the closing tags follows the reason), a second request continues
 the assistant message with the reason as the local engine keeps it, closed by the tags it feeds
 (`continue_final_message`, vLLM and SGLang), for one token. The server re-tokenizes that text,
-which can move P(Yes) (by 0.017 seen with vLLM), so those questions are logged.
+as the local engine closes a reason too (`reasoning.ReasonTokens.closing`), so the two agree where
+the tokenizers do; those questions are still logged.
 
 The video goes as a `video_url` block holding a `data:video/mp4;base64,...` URL (vLLM takes it;
 SGLang's chat API takes `video_url` blocks too, data URLs not checked here). What is sent is the

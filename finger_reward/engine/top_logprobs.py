@@ -118,7 +118,7 @@ def reason_span(tokens: Sequence[str], max_new_tokens: int) -> ReasonSpan:
     """`ReasonSpan` of generated token texts, given the local engine's `max_new_tokens` for the reason."""
     text, end = "", None
     for i, token in enumerate(tokens[:max_new_tokens]):
-        if token in END_OF_TURN:  # the local engine drops it and feeds both tags
+        if token in END_OF_TURN:  # the local engine drops it and adds the tags the text lacks
             return ReasonSpan(i, None)
         text += token
         if ends_with_stop_tag(text):
