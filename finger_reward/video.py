@@ -556,10 +556,9 @@ def decode_lossless(data: bytes, name: str) -> torch.Tensor:
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+        reader = _open_pyav(data)
     except (av.error.FFmpegError, IndexError, ValueError) as err:
         raise VideoError(name, f"sampled frames cannot be decoded: {err}") from None
-    if not frames:
+    if not reader.num_frames:
         raise VideoError(name, "sampled frames hold zero frames")
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(reader.frames(range(reader.num_frames))).permute(0, 3, 1, 2).contiguous()

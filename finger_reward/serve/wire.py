@@ -1,7 +1,7 @@
 """Sampled clips on the wire: the client samples and resizes as the server would, the server uses them as they are.
 
 A clip entry of a `/v1/score` request (`{"clip": clip_payload(...)}`) holds the frames the model
-will be given, losslessly compressed (RGB H.264 at qp 0, or raw bytes when that is smaller, as for
+will be given, losslessly compressed (RGB H.264 at crf 0, `video.encode_frames`, or raw bytes when that is smaller, as for
 noise), the exact rate they were sampled at, the server settings they were sampled with, and the
 SlowFast pathways when the server uses them. Decoding gives back the same `Clip` bit for bit, so
 scores through the service equal in-process scores of the same arrays.
