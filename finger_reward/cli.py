@@ -435,31 +435,19 @@ def _score_dir(args) -> int:
 
 
 def _score_dir_on_ray(args, keys, bank, progress):
-    """`score-dir --ray`: every Ray actor builds its reward as `_load_reward` does, with the bank read here.
-
-    The file is prepared here (keys relative to VIDEO_DIR, failed rows dropped for a retry), then
-    Ray scores only what is left."""
+    """`score-dir --ray`: every Ray actor builds its reward as `_load_reward` does, with the bank read here;
+    videos are identified and retried as without Ray (keys relative to VIDEO_DIR)."""
     import functools
 
     from finger_reward.offline import score_on_ray
-    from finger_reward.scorefile import pending
 
     if args.base_url:
         raise FingerError("--ray runs model replicas and --base-url scores through one server: pass one of them")
     _log_info_to_stderr("finger_reward.offline")  # the pool it starts, and how many videos each worker scored
-    done, todo = pending(keys, args.out, root=args.video_dir, retry_failed=args.retry_failed)
     load = functools.partial(_load_reward, args, args.model, bank)
-    results = score_on_ray(todo, args.out, load, address=args.ray or None, workers=args.workers,
-                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker or 1.0,
-                           batch_size=args.chunk) if todo else {}
-    progress.total = len(dict.fromkeys(keys))
-    progress.skipped = sum(result.ok for result in done.values())
-    progress.failed.update({key: result.error for key, result in done.items() if not result.ok})
-    for key in todo:
-        if key in results and results[key].ok:
-            progress.scored += 1
-        elif key in results:
-            progress.failed[key] = results[key].error
+    score_on_ray(keys, args.out, load, address=args.ray or None, workers=args.workers,
+                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker or 1.0,
+                 batch_size=args.chunk, root=args.video_dir, retry_failed=args.retry_failed, progress=progress)
 
 
 def _error_kind(error: str) -> str:

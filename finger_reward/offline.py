@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from finger_reward.errors import FingerError
 from finger_reward.results import VideoScore, json_safe
-from finger_reward.scorefile import Key, append_result, pending
+from finger_reward.scorefile import Key, Progress, append_result, pending, video_key
 
 if TYPE_CHECKING:
     from finger_reward.reward import FingerReward
@@ -69,6 +69,9 @@ def score_on_ray(
     batch_size: int = 16,
     start_timeout_s: float = 1800.0,
     desc: str = "scoring",
+    root: str | Path | None = None,
+    retry_failed: bool = True,
+    progress: Progress | None = None,
 ) -> dict[Key, VideoScore]:
     """Score every (video, prompt) not yet in `path` on Ray Data, appending each result as it arrives.
 
@@ -76,13 +79,16 @@ def score_on_ray(
     cluster, or a new local Ray; "auto": an existing cluster only), and shuts down a Ray it
     started. `workers` defaults to one per GPU / `gpus_per_worker` (1 when the cluster has GPUs,
     else 0 and one worker). `load_reward` is a picklable callable that builds the `FingerReward`
-    on each actor. Returns all results in the file, old and new, like `scorefile.score_to_file`.
+    on each actor. Videos are identified, failed rows retried and `progress` filled in as
+    `scorefile.score_to_file` does (`root`, `retry_failed`); returns the results of `keys`, old and new.
     """
     import ray
 
     if batch_size < 1:
         raise FingerError(f"batch_size must be at least 1, got {batch_size}")
-    done, todo = pending(keys, path)
+    progress = progress if progress is not None else Progress()
+    done, todo = pending(keys, path, root=root, retry_failed=retry_failed)
+    progress.start(keys, done)
     if not todo:
         return done
     started = not ray.is_initialized()
@@ -91,7 +97,7 @@ def score_on_ray(
     try:
         pool = _pool_size(ray.cluster_resources(), workers, gpus_per_worker)
         rows = _run(todo, load_reward, *pool, cpus_per_worker, batch_size, start_timeout_s)
-        _append_as_they_come(rows, path, done, len(todo), desc)
+        _append_as_they_come(rows, path, done, len(todo), desc, root, progress)
     finally:
         if started:
             ray.shutdown()
@@ -154,7 +160,8 @@ def _data_context(**settings):
             setattr(context, name, value)
 
 
-def _append_as_they_come(rows, path: str | Path, done: dict[Key, VideoScore], total: int, desc: str) -> None:
+def _append_as_they_come(rows, path: str | Path, done: dict[Key, VideoScore], total: int, desc: str,
+                         root: str | Path | None, progress: Progress) -> None:
     from tqdm.auto import tqdm
 
     by_worker: Counter = Counter()
@@ -162,9 +169,10 @@ def _append_as_they_come(rows, path: str | Path, done: dict[Key, VideoScore], to
         try:
             for row in rows:
                 result = VideoScore.from_dict(json.loads(row["result"]))
-                append_result(out, result)
+                append_result(out, result, video_key(result.video, root))
                 out.flush()
                 done[(result.video, result.prompt)] = result
+                progress.record((result.video, result.prompt), result)
                 by_worker[row["worker"]] += 1
                 bar.update()
         except Exception as err:

@@ -53,6 +53,18 @@ class Progress:
     skipped: int = 0
     failed: dict[Key, str] = field(default_factory=dict)
 
+    def start(self, keys: list[Key], done: dict[Key, VideoScore]) -> None:
+        """Before scoring: every key counted, the done ones skipped, the failed ones kept (not retried)."""
+        self.total, self.skipped = len(dict.fromkeys(keys)), sum(result.ok for result in done.values())
+        self.failed.update({key: result.error for key, result in done.items() if not result.ok})
+
+    def record(self, key: Key, result: VideoScore) -> None:
+        """One new result."""
+        if result.ok:
+            self.scored += 1
+        else:
+            self.failed[key] = result.error
+
 
 def _rows(path: Path) -> list[tuple[dict, VideoScore]]:
     rows = []
@@ -138,18 +150,14 @@ def score_to_file(reward, keys: list[Key], path: str | Path, *, root: str | Path
 
     progress = progress if progress is not None else Progress()
     done, todo = pending(keys, path, root=root, retry_failed=retry_failed)
-    progress.total, progress.skipped = len(dict.fromkeys(keys)), sum(result.ok for result in done.values())
-    progress.failed.update({key: result.error for key, result in done.items() if not result.ok})  # kept, not retried
+    progress.start(keys, done)
     try:
         with tqdm(total=len(todo), desc=desc, unit="video") as bar, Path(path).open("a", encoding="utf-8") as out:
             for batch, results in _chunks(reward, todo, chunk):
                 for key, result in zip(batch, results):
                     done[key] = result
                     append_result(out, result, video_key(key[0], root))
-                    if result.ok:
-                        progress.scored += 1
-                    else:
-                        progress.failed[key] = result.error
+                    progress.record(key, result)
                 out.flush()
                 bar.update(len(batch))
     except KeyboardInterrupt:
