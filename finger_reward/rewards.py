@@ -140,19 +140,22 @@ def length_reward(
 
 
 def temporal_reward(
-    p_correct_ordered: Sequence[float], p_correct_shuffled: Sequence[float], *, alpha: float = 0.3, mu: float = 0.8
+    completions: Sequence, w_seq: Sequence[float] | None = None, w_rand: Sequence[float] | None = None, *,
+    alpha: float = 0.3, mu: float = 0.8, **kwargs,
 ) -> list[float]:
-    """VQ-Insight Eq. 4 (temporal modelling): `alpha` if `w_seq > mu * w_rand`, else 0.
+    """VQ-Insight Eq. 4 (temporal modelling): `alpha` if `w_seq > mu * w_rand`, else 0, per response i.
 
-    `w_seq` / `w_rand` are the probabilities of the correct answer with the frames in order and
-    shuffled, which the trainer computes; defaults alpha=0.3, mu=0.8 as in the paper."""
-    ordered, shuffled = [float(p) for p in p_correct_ordered], [float(p) for p in p_correct_shuffled]
-    if len(ordered) != len(shuffled):
-        raise ValueError(f"temporal_reward: {len(ordered)} ordered but {len(shuffled)} shuffled probabilities")
+    `w_seq[i]`: the probability of the correct answer after the i-th response on the clip with its
+    frames in order; `w_rand[i]`: the same after the i-th response sampled on the clip with its
+    frames shuffled. The GRPO trainer computes both (`GRPORecipe.temporal_shuffle`,
+    `finger_reward.temporal`) and passes them as these keyword columns. Defaults alpha=0.3,
+    mu=0.8 as in the paper; the comparison is strict, as Eq. 4 writes it."""
+    ordered = [float(p) for p in _column("w_seq", w_seq, completions, "temporal_reward")]
+    shuffled = [float(p) for p in _column("w_rand", w_rand, completions, "temporal_reward")]
     bad = [p for p in ordered + shuffled if not 0.0 <= p <= 1.0]  # also catches NaN
     if bad:
-        raise ValueError(f"temporal_reward needs probabilities in [0, 1], got {bad[:3]}")
-    return [float(alpha) if w_seq > mu * w_rand else 0.0 for w_seq, w_rand in zip(ordered, shuffled)]
+        raise ValueError(f"temporal_reward needs probabilities w_seq, w_rand in [0, 1], got {bad[:3]}")
+    return [float(alpha) if seq > mu * rand else 0.0 for seq, rand in zip(ordered, shuffled)]
 
 
 def parse_dimension_scores(answer: str | None) -> dict[str, float] | None:
@@ -171,26 +174,39 @@ def parse_dimension_scores(answer: str | None) -> dict[str, float] | None:
 
 
 def multi_dimension_reward(completions: Sequence, dimension_scores: Sequence[Mapping[str, float]] | None = None,
-                           **kwargs) -> list[float]:
-    """VQ-Insight Eq. 6 (multi-dimension scoring): `1 - sum_j lambda_j |v_pred_j - v_gt_j|` with
-    lambda_j = 1/M, i.e. 1 - mean l1 distance over the M dimensions of the ground truth.
+                           *, dimension_weight: float | str = 1.0, **kwargs) -> list[float]:
+    """VQ-Insight Eq. 6 (multi-dimension scoring): `1 - sum_j lambda_j |v_pred_j - v_gt_j|`.
+
+    lambda_j = `dimension_weight` for every dimension: 1.0 by default, as the paper sets it
+    ("lambda_i in Eq. 6 is set to 1", Implementation Details), so with M dimensions the reward
+    lies in [1 - M, 1]; "mean" gives lambda_j = 1/M (1 - mean l1 distance, in [0, 1]).
 
     Column `dimension_scores`: one mapping {dimension: score} per prompt, scores on [0, 1]
     (rescale MOS first, e.g. (mos - 1) / 4 for 1-5). The completion states its scores inside
-    the answer tag (see `parse_dimension_scores`); it gets 0.0 when they are unparseable, miss a
-    ground-truth dimension or lie outside [0, 1], so the reward stays in [0, 1] as Eq. 6 gives."""
+    the answer tag (see `parse_dimension_scores`); when they are unparseable, miss a
+    ground-truth dimension or lie outside [0, 1] it gets the lowest reward Eq. 6 can give,
+    `1 - sum_j lambda_j` (every distance 1), so no malformed answer beats a wrong one."""
     truths = _column("dimension_scores", dimension_scores, completions, "multi_dimension_reward")
     rewards = []
     for completion, truth in zip(completions, truths):
         if not isinstance(truth, Mapping) or not truth or not all(0.0 <= float(v) <= 1.0 for v in truth.values()):
             raise ValueError(f"column 'dimension_scores' must hold non-empty {{dimension: score in [0, 1]}}, got {truth!r}")
+        weight = _dimension_weight(dimension_weight, len(truth))
         pred = parse_dimension_scores(parse_completion(completion).answer) or {}
         values = [pred.get(dim, math.nan) for dim in truth]
         if not all(0.0 <= v <= 1.0 for v in values):  # missing (NaN) or out of range
-            rewards.append(0.0)
+            rewards.append(1.0 - weight * len(truth))
             continue
-        rewards.append(1.0 - sum(abs(v - float(truth[d])) for v, d in zip(values, truth)) / len(truth))
+        rewards.append(1.0 - weight * sum(abs(v - float(truth[d])) for v, d in zip(values, truth)))
     return rewards
+
+
+def _dimension_weight(value: float | str, dimensions: int) -> float:
+    if value == "mean":
+        return 1.0 / dimensions
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"dimension_weight must be a positive number (VQ-Insight: 1) or 'mean' (1/M), got {value!r}")
+    return float(value)
 
 
 def _video_choice(text: str | None) -> str | None:

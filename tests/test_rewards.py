@@ -98,13 +98,16 @@ def test_length_without_ids_counts_whitespace_words_and_options():
 
 def test_temporal_reward_at_the_mu_boundary():
     # w_seq > mu * w_rand, strictly: 0.4 vs 0.8 * 0.5 = 0.4 is not greater.
-    assert temporal_reward([0.4, 0.41, 0.9, 0.0], [0.5, 0.5, 0.2, 0.0]) == pytest.approx([0.0, 0.3, 0.3, 0.0])
-    assert temporal_reward([0.5], [0.5], alpha=1.0, mu=1.0) == [0.0]
-    assert temporal_reward([0.5], [0.5], alpha=1.0, mu=0.99) == [1.0]
+    four = [GOOD] * 4
+    assert temporal_reward(four, w_seq=[0.4, 0.41, 0.9, 0.0], w_rand=[0.5, 0.5, 0.2, 0.0]) == pytest.approx([0.0, 0.3, 0.3, 0.0])
+    assert temporal_reward([GOOD], w_seq=[0.5], w_rand=[0.5], alpha=1.0, mu=1.0) == [0.0]
+    assert temporal_reward([GOOD], w_seq=[0.5], w_rand=[0.5], alpha=1.0, mu=0.99) == [1.0]
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        temporal_reward([float("nan")], [0.1])
-    with pytest.raises(ValueError, match="2 ordered but 1 shuffled"):
-        temporal_reward([0.1, 0.2], [0.1])
+        temporal_reward([GOOD], w_seq=[float("nan")], w_rand=[0.1])
+    with pytest.raises(ValueError, match="2 completions but 1 values in column 'w_rand'"):
+        temporal_reward([GOOD] * 2, w_seq=[0.1, 0.2], w_rand=[0.1])
+    with pytest.raises(KeyError, match="needs the dataset column 'w_rand'"):
+        temporal_reward([GOOD], w_seq=[0.1])
 
 
 def _scores(text: str) -> str:
@@ -115,18 +118,27 @@ def test_multi_dimension_reward_hand_values():
     truth = {"spatial": 0.8, "temporal": 0.5, "alignment": 1.0}
     completions = [
         _scores("spatial: 0.8\ntemporal: 0.5\nalignment: 1.0"),  # exact -> 1
-        _scores("spatial: 0.6, temporal: 0.8; alignment: 0.7"),  # |.2|+|.3|+|.3| = .8 -> 1 - .8/3
-        _scores("alignment: 0\ntemporal: 0.5\nspatial: 0.8\nextra: 1"),  # order free, extras ignored -> 1 - 1/3
-        _scores("spatial: 0.8\ntemporal: 0.5"),  # a dimension missing -> 0
-        _scores("spatial: 1.8\ntemporal: 0.5\nalignment: 1"),  # out of range -> 0
-        _scores("spatial: high\ntemporal: 0.5\nalignment: 1"),  # malformed item -> 0
-        _scores("spatial: 0.8\nspatial: 0.1\ntemporal: 0.5\nalignment: 1"),  # repeated -> 0
-        "spatial: 0.8\ntemporal: 0.5\nalignment: 1.0",  # outside the answer tag -> 0
+        _scores("spatial: 0.6, temporal: 0.8; alignment: 0.7"),  # |.2|+|.3|+|.3| = .8
+        _scores("alignment: 0\ntemporal: 0.5\nspatial: 0.8\nextra: 1"),  # order free, extras ignored: l1 = 1
+        _scores("spatial: 0.8\ntemporal: 0.5"),  # a dimension missing -> the lowest reward
+        _scores("spatial: 1.8\ntemporal: 0.5\nalignment: 1"),  # out of range -> lowest
+        _scores("spatial: high\ntemporal: 0.5\nalignment: 1"),  # malformed item -> lowest
+        _scores("spatial: 0.8\nspatial: 0.1\ntemporal: 0.5\nalignment: 1"),  # repeated -> lowest
+        "spatial: 0.8\ntemporal: 0.5\nalignment: 1.0",  # outside the answer tag -> lowest
     ]
-    expected = [1.0, 1 - 0.8 / 3, 1 - 1 / 3, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert multi_dimension_reward(completions, dimension_scores=[truth] * len(completions)) == pytest.approx(expected)
+    l1 = [0.0, 0.8, 1.0] + [3.0] * 5  # a malformed answer counts as distance 1 in every dimension
+    truths = [truth] * len(completions)
+    # VQ-Insight sets lambda_j = 1 (Implementation Details): 1 - sum of distances, in [1 - M, 1].
+    assert multi_dimension_reward(completions, dimension_scores=truths) == pytest.approx([1 - d for d in l1])
+    assert multi_dimension_reward(completions, dimension_scores=truths, dimension_weight=0.5) == \
+        pytest.approx([1 - d / 2 for d in l1])
+    # The other reading, lambda_j = 1/M: 1 - mean distance, in [0, 1].
+    assert multi_dimension_reward(completions, dimension_scores=truths, dimension_weight="mean") == \
+        pytest.approx([1 - d / 3 for d in l1])
     with pytest.raises(ValueError, match="score in \\[0, 1\\]"):
         multi_dimension_reward([completions[0]], dimension_scores=[{"spatial": 4.0}])
+    with pytest.raises(ValueError, match="dimension_weight must be a positive number"):
+        multi_dimension_reward([completions[0]], dimension_scores=[truth], dimension_weight="sum")
 
 
 @pytest.mark.parametrize(("answer", "preferred", "expected"), [
@@ -173,6 +185,7 @@ TRL_REWARDS = {
     "multi_dimension_reward": (multi_dimension_reward, {"dimension_scores": [{"x": 1.0}, {"x": 0.0}]}, [0.0, 0.0]),
     "preference_reward": (preference_reward, {"preferred": ["A", "B"]}, [0.0, 0.0]),
     "rating_reward": (rating_reward, {"rating": ["Good", "Bad"]}, [0.0, 0.0]),
+    "temporal_reward": (temporal_reward, {"w_seq": [0.9, 0.1], "w_rand": [0.5, 0.5]}, [0.3, 0.0]),
 }
 
 
