@@ -87,6 +87,7 @@ from finger_reward.rewards import accuracy_reward, format_reward
 from finger_reward.rope import with_rope_positions
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
+from finger_reward.trainers.rollout import sample_group
 
 logger = logging.getLogger(__name__)
 
@@ -349,16 +350,18 @@ class VideoGRPOTrainer:
     def rollout(self, record: InstructRecord) -> dict:
         """Sample G completions for one record and build the group's training batch (see `compute_loss`)."""
         G = self.args.num_generations
-        prompt = self.repeat_inputs(self.prompt_inputs(record), G)
+        single = self.prompt_inputs(record)
+        prompt = self.repeat_inputs(single, G)
         prompt_length = prompt["input_ids"].shape[1]
         was_training = self.model.training
         self.model.eval()
         with self._autocast():
-            out = self.model.generate(
-                **with_rope_positions(self.model.config, prompt), do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0,
-                max_new_tokens=self.args.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            # One prefill of the video and prompt; the G completions decode from copies of its cache.
+            out = sample_group(
+                self.model, single, G, temperature=self.args.temperature, top_p=self.args.top_p,
+                max_new_tokens=self.args.max_completion_length, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
                 # A sampled <|video_pad|> would break the next forward's feature count.
-                suppress_tokens=placeholder_token_ids(self.processor) or None,
+                suppress_tokens=placeholder_token_ids(self.processor),
             )
         self.model.train(was_training)
         completion_ids = out[:, prompt_length:]
