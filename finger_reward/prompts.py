@@ -6,6 +6,7 @@ prefix (system turn + video) and the engine can encode that prefix once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,28 @@ SYSTEM_PROMPTS = {
     ),
 }
 
+# VQ-Insight's preference comparison (Sec. "Preference Comparison Reward"): two videos, one choice.
+PAIR_SYSTEM_PROMPTS = {
+    "answer": (
+        "You are a careful judge of AI-generated videos. Watch Video A and Video B, then answer "
+        "which of the two is better in the aspect asked about, with A or B only."
+    ),
+    "reason": (
+        "You are a careful judge of AI-generated videos. Watch Video A and Video B, then answer "
+        "which of the two is better in the aspect asked about. First compare them inside "
+        "<reason></reason>, then give A or B inside <answer></answer>."
+    ),
+}
+PAIR_LABELS = ("A", "B")
+# What "better in DIMENSION" means, one line per FingER dimension (configs/questions.yaml has the long form).
+PAIR_ASPECTS = {
+    "visual_quality": "visual quality (clean, sharp frames without artifacts or distortions)",
+    "temporal_consistency": "temporal consistency (every entity stays the same from frame to frame, no flicker)",
+    "dynamic_degree": "dynamic degree (moves as much as the prompt asks, neither frozen nor chaotic)",
+    "text_alignment": "text-to-video alignment (shows what the prompt describes)",
+    "factual_consistency": "factual consistency (obeys physics and common sense)",
+}
+
 REASON_OPEN, REASON_CLOSE = "<reason>", "</reason>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
@@ -44,6 +67,34 @@ def build_messages(question: str, mode: str = "answer", clip: Clip | None = None
         {"role": "system", "content": SYSTEM_PROMPTS[check_mode(mode)]},
         {"role": "user", "content": [*video_blocks(clip), {"type": "text", "text": question}]},
     ]
+
+
+def pair_question(dimension: str, prompt: str) -> str:
+    """The comparison question for one dimension: which video is better in it, for the prompt both were made from."""
+    if dimension not in PAIR_ASPECTS:
+        raise ValueError(f"dimension={dimension!r} is not one of {', '.join(PAIR_ASPECTS)}")
+    return f'Both videos were generated from the prompt "{prompt}". Which video is better in {PAIR_ASPECTS[dimension]}?'
+
+
+def build_pair_messages(question: str, mode: str = "answer", clips: tuple[Clip, Clip] | None = None) -> list[dict]:
+    """The chat comparing two videos: system turn, "Video A:" and its video, "Video B:" and its video, the question.
+
+    Both videos come before the question, so the five dimension questions about one pair share
+    one prefix, as the questions about one video do.
+    """
+    return [
+        {"role": "system", "content": PAIR_SYSTEM_PROMPTS[check_mode(mode)]},
+        {"role": "user", "content": [*pair_video_blocks(clips), {"type": "text", "text": question}]},
+    ]
+
+
+def pair_video_blocks(clips: tuple[Clip, Clip] | None = None) -> list[dict]:
+    """Each video after its label ("Video A:", then "Video B:" on a new line); a SlowFast clip brings its pathways."""
+    clips = clips or (None, None)
+    blocks: list[dict] = []
+    for k, (label, clip) in enumerate(zip(PAIR_LABELS, clips)):
+        blocks += [{"type": "text", "text": f"{chr(10) if k else ''}Video {label}:"}, *video_blocks(clip)]
+    return blocks
 
 
 def video_blocks(clip: Clip | None = None) -> list[dict]:
@@ -77,20 +128,24 @@ def _seconds(t: float) -> str:
     return (text[:-1] if text.endswith("0") else text) + "s"
 
 
-def expand_video(text: str, processor, clip: Clip) -> str:
-    """A rendered chat with its one plain video placeholder replaced by the clip's `video_blocks`.
+def expand_video(text: str, processor, clip: Clip | Sequence[Clip]) -> str:
+    """A rendered chat with each plain video placeholder replaced by its clip's `video_blocks`, in order.
 
     Prompts are rendered once for every clip (the shared prefix); this gives a SlowFast clip its
-    own markers and second video, rendered by the processor's chat template itself.
+    own markers and second video, rendered by the processor's chat template itself. A two-video
+    prompt (`build_pair_messages`) takes its two clips in order.
     """
-    if not clip.pathways:
+    clips = [clip] if not isinstance(clip, Sequence) else list(clip)
+    if not any(c.pathways for c in clips):
         return text
     plain = _render_blocks(processor, video_blocks())
-    if text.count(plain) != 1:
-        raise ValueError(
-            f"a SlowFast clip needs exactly one video placeholder {plain!r} in the prompt, found {text.count(plain)}"
-        )
-    return text.replace(plain, _render_blocks(processor, video_blocks(clip)))
+    parts = text.split(plain)
+    if len(parts) != len(clips) + 1:
+        wanted = "exactly one video placeholder" if len(clips) == 1 else f"exactly {len(clips)} video placeholders"
+        raise ValueError(f"{len(clips)} clip(s) with SlowFast frames need {wanted} {plain!r} in the prompt, "
+                         f"found {len(parts) - 1}")
+    expanded = [_render_blocks(processor, video_blocks(c)) for c in clips]
+    return parts[0] + "".join(e + p for e, p in zip(expanded, parts[1:]))
 
 
 def _render_blocks(processor, blocks: list[dict]) -> str:
@@ -117,11 +172,13 @@ class SplitPrompt:
         return question + self.suffix
 
 
-def split_prompt(processor, mode: str = "answer") -> SplitPrompt:
-    """Render the processor's own chat template once and split it at the question."""
-    text = processor.apply_chat_template(
-        build_messages(_SENTINEL, mode), tokenize=False, add_generation_prompt=True
-    )
+def split_prompt(processor, mode: str = "answer", *, pair: bool = False) -> SplitPrompt:
+    """Render the processor's own chat template once and split it at the question.
+
+    `pair=True`: the two-video comparison chat (`build_pair_messages`), whose prefix holds both videos.
+    """
+    messages = build_pair_messages(_SENTINEL, mode) if pair else build_messages(_SENTINEL, mode)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if text.count(_SENTINEL) != 1:
         raise ValueError("the chat template must place the question text exactly once")
     prefix, suffix = text.split(_SENTINEL)

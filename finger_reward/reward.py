@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from finger_reward import prompts as prompt_text
 from finger_reward import scoring
 from finger_reward.errors import BatchError, FingerError, QuestionError
 from finger_reward.prefetch import PipelineStats, pipeline
+from finger_reward.preference import Comparison, comparison, p_first_better, pair_max_frames, pair_video_name
+from finger_reward.questions.record import DIMENSIONS
 from finger_reward.questions import Question, QuestionBank, TemplateGenerator, as_bank
 from finger_reward.questions.generate import fill_bank
 from finger_reward.results import VideoScore, score_video
@@ -249,6 +252,65 @@ class FingerReward:
             if self._batcher is not None:
                 self._batcher.close()
                 self._batcher = None
+
+    def compare(self, video_a: Any, video_b: Any, prompt: str, *, dimensions: Sequence[str] | None = None,
+                both_orders: bool = True, video_fps=None) -> Comparison:
+        """VQ-Insight's preference comparison: P(video_a better than video_b) per FingER dimension, and overall.
+
+        The model sees both videos in one prompt (Video A, then Video B, each sampled as a video
+        scored alone but with at most max_frames // 2 frames: `finger_reward.preference`) and is
+        asked "which video is better in DIMENSION?"; P(A) comes from the restricted softmax over the
+        single-token spellings of "A" and "B" at the answer position (Eq. 1 with A/B for Yes/No).
+        `overall` is the Eq. 4 weighted sum with the reward's weights. `both_orders=True` (default)
+        also asks with the videos swapped and averages, which cancels the model's position bias and
+        makes compare(b, a) exactly 1 - compare(a, b), at twice the cost (two prefixes of two videos);
+        pass False to ask once. `dimensions`: a subset of the five (default all). `video_fps`: the
+        frame rate of in-memory videos, as in `score`. A video that cannot be read raises `VideoError`
+        naming it (video_a or video_b).
+        """
+        return self.compare_many([(video_a, video_b)], [prompt], dimensions=dimensions, both_orders=both_orders,
+                                 video_fps=video_fps)[0]
+
+    def compare_many(self, pairs: Sequence[tuple[Any, Any]], prompts: Sequence[str] | str, *,
+                     dimensions: Sequence[str] | None = None, both_orders: bool = True,
+                     video_fps=None) -> list[Comparison]:
+        """`compare` for many pairs (one prompt for all, or one per pair), batched across pairs as `score` is.
+
+        A bad video raises `VideoError` naming it and its pair before the model runs.
+        """
+        compare = getattr(self.engine, "compare_many", None)
+        if compare is None:
+            raise TypeError(f"{type(self.engine).__name__} cannot compare two videos; compare needs the local "
+                            "transformers engine (FingerReward.from_pretrained)")
+        pairs = [tuple(pair) for pair in pairs]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("pairs must be (video_a, video_b) tuples")
+        prompts = [prompts] * len(pairs) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(pairs) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"got {len(pairs)} pairs but {len(prompts)} prompts; pass one prompt string per pair or one for all")
+        dims = list(DIMENSIONS if dimensions is None else dimensions)
+        unknown = [d for d in dims if d not in DIMENSIONS]
+        if unknown or not dims or len(set(dims)) != len(dims):
+            raise ValueError(f"dimensions={dimensions!r} must name distinct dimensions among {', '.join(DIMENSIONS)}")
+        rate = check_rate(video_fps, "video_fps") or self.video_fps
+        options = {**self.video_options, "max_frames": pair_max_frames(self.video_options["max_frames"])}
+        clips = [tuple(load_video(video, name=pair_video_name(video, k, i, len(pairs)),
+                                  patch_factor=self.engine.patch_factor, source_fps=None if isinstance(video, VideoFrames) else rate,
+                                  **options) for k, video in enumerate(pair))
+                 for i, pair in enumerate(pairs)]
+        questions = [[prompt_text.pair_question(d, p) for d in dims] for p in prompts]
+        orders = clips + ([(b, a) for a, b in clips] if both_orders else [])
+        answers = compare(orders, questions * (2 if both_orders else 1))
+        results = []
+        for i, (a, b) in enumerate(clips):
+            ab, ba = answers[i], answers[i + len(clips)] if both_orders else None
+            reasons = None
+            if ab.reasons is not None:
+                reasons = {d: [ab.reasons[q]] + ([ba.reasons[q]] if ba is not None else []) for q, d in enumerate(dims)}
+            names = [describe(video, i) for video in pairs[i]]
+            results.append(comparison(*names, prompts[i], dims, p_first_better(ab.probs, None if ba is None else ba.probs),
+                                      weights=self.weights, both_orders=both_orders, reasons=reasons))
+        return results
 
     def score(self, videos: Sequence[Any], prompts: Sequence[str] | str, *, video_fps=None) -> list[VideoScore]:
         """Full results per video: overall, per dimension, per question (with reasons in reason mode).

@@ -14,6 +14,7 @@ from finger_reward.questions.record import DIMENSIONS
 
 YES_SPELLINGS = ("Yes", "yes", "YES")
 NO_SPELLINGS = ("No", "no", "NO")
+CHOICE_SPELLINGS = (("A",), ("B",))  # the answers of a two-video comparison; lower-case "a" is a word
 AGGREGATES = ("mean", "sum")
 RATING_LEVELS = ("Bad", "Poor", "Fair", "Good", "Excellent")
 RATING_VALUES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -35,6 +36,14 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
     if not yes_ids or not no_ids:
         raise ValueError("the tokenizer has no single-token spelling of Yes or of No; FingER scoring needs both")
     return yes_ids, no_ids
+
+
+def choice_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Eq. 1's two token sets for a comparison of Video A and Video B: the single-token spellings of "A" and of "B"."""
+    a_ids, b_ids = single_token_ids(tokenizer, CHOICE_SPELLINGS[0]), single_token_ids(tokenizer, CHOICE_SPELLINGS[1])
+    if not a_ids or not b_ids:
+        raise ValueError("the tokenizer has no single-token spelling of A or of B; a pairwise comparison reads both")
+    return a_ids, b_ids
 
 
 def answer_probs(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from finger_reward.prompts import expand_video
 from finger_reward.video import Clip
 
@@ -18,8 +20,8 @@ def placeholder_token_ids(processor) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def processor_inputs(processor, text: str, clip: Clip):
-    """One text with one clip through the processor.
+def processor_inputs(processor, text: str, clip: Clip | Sequence[Clip]):
+    """One text with one clip (or, for a two-video comparison prompt, its clips in order) through the processor.
 
     Frames are already sampled and resized by `load_video` (`do_sample_frames=False`: Qwen3-VL's
     processor would otherwise resample them at its own fps; `do_resize=False`), and the clip's real
@@ -27,9 +29,10 @@ def processor_inputs(processor, text: str, clip: Clip):
     is two videos (`prompts.video_blocks`): the text's one video placeholder becomes both, and
     `video_grid_thw` gets a row per pathway.
     """
-    videos = clip.videos
+    clips = [clip] if isinstance(clip, Clip) else list(clip)
+    videos = [video for c in clips for video in c.videos]
     return processor(
-        text=[expand_video(text, processor, clip)], videos=[frames for frames, _ in videos],
+        text=[expand_video(text, processor, clips)], videos=[frames for frames, _ in videos],
         video_metadata=[metadata for _, metadata in videos], do_sample_frames=False, do_resize=False,
         return_tensors="pt",
     )

@@ -18,6 +18,7 @@ mask ("sdpa", the default, or "eager").
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from finger_reward.engine.budget import auto_batch_tokens
 from finger_reward.engine.inputs import patch_factor, processor_inputs
 from finger_reward.engine.reasoning import ReasonTokens, decode_reasons, extract_reason
 from finger_reward.rope import RopeLayout, rope_positions, with_rope_positions
-from finger_reward.scoring import answer_probs, answer_token_ids
+from finger_reward.scoring import answer_probs, answer_token_ids, choice_token_ids
 from finger_reward.video import Clip
 
 __all__ = ["Answers", "TransformersEngine", "default_device_dtype", "extract_reason"]
@@ -137,6 +138,7 @@ class TransformersEngine:
         # tokens it needs, not over every suffix position (rows x length x vocabulary logits).
         self._base = torch.compile(model.model, dynamic=True) if compile else model.model
         self._head = model.get_output_embeddings()
+        self._pair: TransformersEngine | None = None  # this engine asking the two-video question (`_pair_engine`)
 
     @classmethod
     def from_pretrained(cls, model_id: str, *, device=None, dtype=None, attn_implementation=None, **kw):
@@ -190,6 +192,41 @@ class TransformersEngine:
         if not self.share_prefix:
             return [self.answer(clip, questions) for clip, questions in zip(clips, questions_per_clip)]
         return self._answer_batched(clips, questions_per_clip, inputs)
+
+    # ---- two-video comparison (VQ-Insight's preference task) ------------------------------------
+
+    def _pair_engine(self) -> "TransformersEngine":
+        """This engine (same model, same batching) asking the two-video question: the pair prompt's split,
+        and the single-token spellings of "A" and "B" as Eq. 1's two answer sets in place of Yes and No."""
+        if self._pair is None:
+            view = copy.copy(self)
+            view.split = prompts.split_prompt(self.processor, self.mode, pair=True)
+            view.yes_ids, view.no_ids = choice_token_ids(self.tokenizer)
+            self._pair = view
+        return self._pair
+
+    def preprocess_pair(self, clip_a: Clip, clip_b: Clip) -> dict:
+        """The processor's prefix inputs for a pair (Video A, then Video B; CPU tensors)."""
+        return processor_inputs(self.processor, self._pair_engine().split.prefix, (clip_a, clip_b))
+
+    @torch.inference_mode()
+    def compare_many(self, pairs: list[tuple[Clip, Clip]], questions_per_pair: list[list[str]],
+                     inputs: list[dict | None] | None = None) -> list[Answers]:
+        """[P(A), P(B)] per question about each pair (first clip shown as Video A), and reasons in reason mode.
+
+        Batched as `answer_many`: a pair's two videos are one prefix, encoded once for all its questions.
+        """
+        if len(pairs) != len(questions_per_pair) or (inputs is not None and len(inputs) != len(pairs)):
+            raise ValueError(f"got {len(pairs)} pairs but {len(questions_per_pair)} question lists"
+                             + ("" if inputs is None else f" and {len(inputs)} preprocessed inputs"))
+        view = self._pair_engine()
+        if not self.share_prefix:
+            return [view._answer_plain(tuple(pair), questions) if questions
+                    else Answers(torch.zeros(0, 2), [] if self.mode == "reason" else None)
+                    for pair, questions in zip(pairs, questions_per_pair)]
+        given = inputs or [None] * len(pairs)
+        prefixes = [x if x is not None else self.preprocess_pair(*pair) for x, pair in zip(given, pairs)]
+        return view._answer_batched(list(pairs), questions_per_pair, prefixes)
 
     @property
     def batch_tokens(self) -> int:
