@@ -11,7 +11,8 @@ scores exactly as `FingerReward.score` would score the array in process. Files a
 are (they carry their own frame rate). Large batches are split into requests of at most
 `videos_per_request` videos and the service's payload limit, sent `concurrency` at a time, so the
 service can batch them with other callers' videos. 429/503 answers and dropped connections are
-retried with exponential back-off; each request carries an `Idempotency-Key`, so a retry of a
+retried with exponential back-off, and so is a 5xx answer that is not the service's JSON (a proxy's, such as Ray
+Serve's plain 500 for a request whose replica died); each request carries an `Idempotency-Key`, so a retry of a
 request the service had already scored is answered from its result cache, not scored twice. `stats` holds the last `score`'s bytes, requests and timings.
 """
 
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from finger_reward.errors import BatchError, FingerError, VideoError
@@ -47,6 +48,7 @@ class ClientStats:
     bytes_sent: int = 0        # request bodies on the wire
     prepare_s: float = 0.0     # sampling, resizing and compressing in-memory videos here
     request_s: float = 0.0     # from the first request sent to the last answer
+    retried: list[str] = field(default_factory=list)  # why each attempt that was sent again failed
 
 
 class PayloadTooLarge(FingerError):
@@ -213,7 +215,7 @@ class FingerRewardClient:
                 last.append(i)
         start = time.perf_counter()
         with ThreadPoolExecutor(self.concurrency) as pool:
-            answers = list(pool.map(lambda c: self._score_chunk(c, payloads, prompts, names), chunks))
+            answers = list(pool.map(lambda c: self._score_chunk(c, payloads, prompts, names, stats.retried), chunks))
         stats.request_s += time.perf_counter() - start
         stats.requests += len(chunks)
         stats.bytes_sent += sum(size for size, _ in answers)
@@ -222,14 +224,14 @@ class FingerRewardClient:
                 results[i] = result
         return results
 
-    def _score_chunk(self, indices: list[int], payloads: list, prompts: list[str],
-                     names: list[str]) -> tuple[int, list[VideoScore]]:
+    def _score_chunk(self, indices: list[int], payloads: list, prompts: list[str], names: list[str],
+                     retried: list[str]) -> tuple[int, list[VideoScore]]:
         """Score some entries in one request: (bytes sent, their results in order)."""
         body = json.dumps({"videos": [payloads[i] for i in indices],
                            "prompts": [prompts[i] for i in indices]}).encode()
         # One id for every attempt of this request: a retry after a dropped answer gets the scored one back.
         response = self._request("POST", "/v1/score", content=body, allow={400, 409, 500},
-                                 headers={"Idempotency-Key": uuid.uuid4().hex})
+                                 headers={"Idempotency-Key": uuid.uuid4().hex}, retried=retried)
         if response.status_code == 409:
             raise _Resample()
         try:
@@ -250,11 +252,14 @@ class FingerRewardClient:
             return self._http
 
     def _request(self, method: str, path: str, content: bytes | None = None, allow: set[int] = frozenset(),
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, retried: list[str] | None = None):
+        """The first answer that is not retried; each retried attempt's problem is appended to `retried`."""
         import httpx
 
         problem, refused = "no attempt made", 0
         for attempt in range(self.max_retries + 1):
+            if attempt and retried is not None:
+                retried.append(problem)
             if refused:  # nothing listened: a restart is not seconds away, so ask again only briefly
                 time.sleep(_CONNECT_BACKOFF * refused)
             elif attempt:
@@ -272,7 +277,7 @@ class FingerRewardClient:
                 problem, refused = f"cannot reach the service: {type(err).__name__}: {err}", 0
                 continue
             refused = 0
-            if response.status_code in _RETRY_STATUS:
+            if response.status_code in _RETRY_STATUS or _from_a_proxy(response):
                 problem = f"HTTP {response.status_code}: {_message(response)}"
                 continue
             if response.status_code < 400 or response.status_code in allow:
@@ -290,6 +295,12 @@ _CONNECT_BACKOFF = 0.1
 
 class _Resample(Exception):
     """The service answered 409: it samples with other settings than the client used."""
+
+
+def _from_a_proxy(response) -> bool:
+    """A 5xx that is not the service's JSON came from in front of it (Ray Serve answers a plain 500 when the replica
+    holding the request dies): the request may be sent again, its Idempotency-Key keeps it from being scored twice."""
+    return response.status_code >= 500 and not response.headers.get("content-type", "").startswith("application/json")
 
 
 def _message(response) -> str:

@@ -5,7 +5,9 @@
 
 Each replica loads `FingerReward` and serves the same FastAPI app as the one-process server
 (`app.build_app`, as the `@serve.ingress` app), decodes videos in threads and batches prepared
-videos from all of its requests with `@serve.batch`. Overload answers 503 from Ray Serve's queue limit
+videos from all of its requests with `@serve.batch`. Answers kept for Idempotency-Key retries are shared by
+the replicas through one small `ResultStore` deployment (`ray_cache`), so a retry that Ray Serve routes to
+another replica (the first one was killed after scoring, or its answer was lost) is not scored again. Overload answers 503 from Ray Serve's queue limit
 (`max_queued_requests`), which `FingerRewardClient` retries. On a multi-machine cluster
 (`$RAY_ADDRESS`), `finger_reward` and the model must be present on every node. Ray is imported
 only when these functions are called.
@@ -28,6 +30,8 @@ from finger_reward.serve.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 APP_NAME = "finger_reward"
+DEPLOYMENT = "FingerReward"
+STORE = "ResultStore"
 
 
 @functools.cache
@@ -39,12 +43,16 @@ def _replica_class():
     class FingerRewardReplica:
         """One model replica: the service's FastAPI app in front, prepared videos batched into `FingerReward.run`."""
 
-        def __init__(self, config: ServeConfig):
+        def __init__(self, config: ServeConfig, store=None):
             self.reward = config.build_reward()
             self.telemetry = Telemetry()
             self.api = ScoreAPI(self._score_many, token=config.token, allow_path=config.allow_path,
                                 max_payload_mb=config.max_payload_mb, telemetry=self.telemetry,
                                 sampling=self.reward.sampling(), result_ttl_s=config.result_ttl_s)
+            if store is not None:  # the app's one result store (a DeploymentHandle), behind this replica's own
+                from finger_reward.serve.ray_cache import SharedResults
+
+                self.api.results = SharedResults(self.api.results, store)
             self._run_batch.set_max_batch_size(config.max_batch_size)
             self._run_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
             self._in_flight = 0
@@ -96,19 +104,23 @@ def _num_gpus(config: ServeConfig) -> float:
 
 
 def build_deployment(config: ServeConfig):
-    """The bound Ray Serve application for `config`, ready for `serve.run`."""
+    """The bound Ray Serve application for `config`, ready for `serve.run`: the replicas and their result store."""
     from ray import serve
 
+    from finger_reward.serve.ray_cache import ResultStore
+
+    store = serve.deployment(ResultStore, name=STORE, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=1024)  # a dict lookup per call: no reason to queue them
     deployment = serve.deployment(
         _replica_class(),
-        name="FingerReward",
+        name=DEPLOYMENT,
         num_replicas=config.replicas or 1,
         ray_actor_options={"num_gpus": _num_gpus(config), "num_cpus": config.num_cpus_per_replica},
         max_ongoing_requests=max(2, config.max_batch_size * 2),
         max_queued_requests=config.max_queue,
         graceful_shutdown_timeout_s=config.drain_timeout_s,  # a stopping replica answers what it holds first
     )
-    return deployment.bind(config)
+    return deployment.bind(config, store.bind(ttl_s=config.result_ttl_s))
 
 
 def run_ray(config: ServeConfig, *, blocking: bool = True) -> str:
@@ -141,6 +153,15 @@ def _stop_on_signal() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     return stop
+
+
+def replica_pids(app_name: str = APP_NAME) -> list[int]:
+    """Process ids of the application's live model replicas (for fault drills), from the connected cluster's actor
+    table (Ray's own `ray._private.state`: the public state API needs the dashboard)."""
+    from ray._private.state import actors
+
+    name = f"ServeReplica:{app_name}:{DEPLOYMENT}"
+    return sorted(a["Pid"] for a in actors().values() if a["ActorClassName"] == name and a["State"] == "ALIVE")
 
 
 def shutdown_ray() -> None:
