@@ -167,6 +167,16 @@ def load_training_records(path: str | Path, **options) -> list:
     return load_instruct(path, **options)
 
 
+def log_fields(record) -> dict:
+    """A training record's fields in the GRPO rollout log: the question fields (or, for a preference
+    record, prompt, dimension, question and `preferred`), absolute video path(s) and the answer."""
+    if isinstance(record, PreferenceRecord):
+        return {"prompt": record.prompt, "dimension": record.dimension, "question": record.question,
+                "video": os.path.abspath(record.video), "video_b": os.path.abspath(record.video_b),
+                "preferred": record.preferred, "answer": record.answer}
+    return {**record.as_question().to_dict(), "video": os.path.abspath(record.video), "answer": record.answer}
+
+
 # ---- scoring results ------------------------------------------------------------------------------
 
 

@@ -112,13 +112,25 @@ def accuracy_reward(completions: Sequence, answer: Sequence[str] | None = None, 
     return [float(p is not None and p.lower() == t) for p, t in zip(parsed, truth)]
 
 
-def format_reward(completions: Sequence, **kwargs) -> list[float]:
+def format_reward(completions: Sequence, preferred: Sequence[str | None] | None = None, **kwargs) -> list[float]:
     """FingER Eq. 11: 1.0 iff the completion is exactly `<reason>...</reason>` then
     `<answer>Yes|No</answer>` (whitespace allowed around and between), each tag once, with a
     non-empty reason and no word Yes/No (any case) outside the answer tag; else 0.0.
 
-    Strict by design, as the paper says: a reason saying "no blur" fails the format."""
-    return [float(parse_completion(c).exact) for c in completions]
+    Strict by design, as the paper says: a reason saying "no blur" fails the format. A preference
+    row (a value in column `preferred`: VQ-Insight's two-video comparison) answers with a video
+    instead: 1.0 iff well formed with exactly "A" or "B" in the answer tag, the token that
+    `FingerReward.compare` reads; its reason may name the videos. Rows whose `preferred` is None
+    keep the Yes/No format, so question and preference rows can be mixed."""
+    if preferred is None:
+        return [float(parse_completion(c).exact) for c in completions]
+    kinds = _column("preferred", preferred, completions, "format_reward")
+    return [float(parse_completion(c).exact) if kind is None else float(_choice_exact(parse_completion(c)))
+            for c, kind in zip(completions, kinds)]
+
+
+def _choice_exact(parsed: ParsedCompletion) -> bool:
+    return parsed.well_formed and parsed.answer in ("A", "B")
 
 
 def length_reward(
