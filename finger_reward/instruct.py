@@ -215,6 +215,7 @@ class VideoSFTCollator:
         self.video_options = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels, slowfast=slowfast,
                                   patch_factor=patch_factor(processor))
         self.split = prompts.split_prompt(processor, mode)
+        self.pair_split = prompts.split_prompt(processor, mode, pair=True)  # preference records: two videos
         self.end_of_turn = _end_of_turn(processor, mode)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -224,19 +225,32 @@ class VideoSFTCollator:
         self.rating_ids = rating_token_ids(self.tokenizer) if self.mos_range is not None else None
 
     def prompt_text(self, record: InstructRecord) -> str:
-        """The engine's prompt for this question (`split.prefix + question + split.suffix`)."""
-        return self.split.prefix + self.split.text_after_video(record.question)
+        """The engine's prompt for this question (`split.prefix + question + split.suffix`); for a
+        `preference.PreferenceRecord`, the two-video prompt `FingerReward.compare` asks."""
+        split = self.pair_split if _is_pair(record) else self.split
+        return split.prefix + split.text_after_video(record.question)
 
-    def load_clip(self, record: InstructRecord) -> Clip:
-        """The record's video, sampled as the engine samples it; the last `clip_cache` videos stay decoded."""
-        clip = self._clips.get(record.video)
+    def load_clip(self, record: InstructRecord) -> Clip | tuple[Clip, Clip]:
+        """The record's video, sampled as the engine samples it, or a preference record's two videos sampled
+        as `FingerReward.compare` samples them (at most max_frames // 2 frames each); the last `clip_cache`
+        videos stay decoded."""
+        if not _is_pair(record):
+            return self._load(record.video, record.source, self.video_options["max_frames"])
+        from finger_reward.preference import pair_max_frames
+
+        frames = pair_max_frames(self.video_options["max_frames"])
+        return tuple(self._load(video, record.source, frames) for video in (record.video, record.video_b))
+
+    def _load(self, video: str, source: str, max_frames: int) -> Clip:
+        key = (video, max_frames)
+        clip = self._clips.get(key)
         if clip is not None:
-            self._clips.move_to_end(record.video)
+            self._clips.move_to_end(key)
             return clip
-        name = f"{record.video} ({record.source})" if record.source else record.video
-        clip = load_video(record.video, name=name, **self.video_options)
+        name = f"{video} ({source})" if source else video
+        clip = load_video(video, name=name, **{**self.video_options, "max_frames": max_frames})
         if self.clip_cache:
-            self._clips[record.video] = clip
+            self._clips[key] = clip
             if len(self._clips) > self.clip_cache:
                 self._clips.popitem(last=False)
         return clip
@@ -305,9 +319,22 @@ def rating_token_ids(tokenizer) -> list[int]:
     return [encoded[0] for encoded in ids]
 
 
+def _is_pair(record) -> bool:
+    from finger_reward.preference import PreferenceRecord
+
+    return isinstance(record, PreferenceRecord)
+
+
 def _record(row: Any, index: int) -> InstructRecord:
+    """A batch item as a record: a `PreferenceRecord` as it is, a dict row as a question or (with `video_b`) a preference."""
+    if _is_pair(row):
+        return row
     if not isinstance(row, dict):
-        raise TypeError(f"batch item {index} is {type(row).__name__}; expected an InstructRecord or a dict row")
+        raise TypeError(f"batch item {index} is {type(row).__name__}; expected an InstructRecord, a PreferenceRecord or a dict row")
+    if "video_b" in row:
+        from finger_reward.preference import PreferenceRecord
+
+        return PreferenceRecord.from_dict(row)
     return InstructRecord.from_dict(row)
 
 

@@ -81,6 +81,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
+from finger_reward.preference import load_training_records, log_fields
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import accuracy_reward, format_reward
@@ -278,7 +279,7 @@ class VideoGRPOTrainer:
         self.reward_weights = torch.tensor(reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs))
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
-        self.records = records if records is not None else load_instruct(recipe.data)
+        self.records = records if records is not None else load_training_records(recipe.data)  # questions or preference pairs
         if len(self.records) < self.parallel.world_size:
             raise ValueError(f"{len(self.records)} record(s) cannot give each of {self.parallel.world_size} processes its own question")
         self.parallel.broadcast_parameters(self.model)
@@ -405,7 +406,7 @@ class VideoGRPOTrainer:
             metrics[f"rewards/{name}/std"] = float(values[~values.isnan()].std()) if (~values.isnan()).sum() > 1 else 0.0
         batch["metrics"] = metrics
         # The question fields ride along so that correct rollouts become FingER-Instruct lines (SFT cool-off).
-        question = {**record.as_question().to_dict(), "video": os.path.abspath(record.video), "answer": record.answer}
+        question = log_fields(record)
         batch["log"] = [
             {"step": self.global_step, **question, "completion": text,
              **{name: float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
