@@ -5,9 +5,11 @@ entity, question, positive) plus `video`, `answer` ("Yes"/"No") and `reason`. SF
 evaluator to write, after the engine's own prompt (`prompts.split_prompt`), either the answer
 alone (mode "answer") or `<reason>...</reason><answer>...</answer>` (mode "reason").
 
-A rating line (Q-Save Sec. 3.4.2, 4.2.3) also carries a numeric `mos`; its answer is then one of
-the five levels Bad, Poor, Fair, Good, Excellent (`rating_level` maps a MOS to its level), and
-the collator can mark where that level token sits for the CE + MSE rating loss of trainers/sft.py.
+A rating line (Q-Save Sec. 3.4.2, 4.2.3) also carries a numeric `mos`, or a `rating` level, or
+both; its answer is then one of the five levels Bad, Poor, Fair, Good, Excellent (`rating_level`
+maps a MOS to its level), `rating` holds that level (the column GRPO's `rewards.rating_reward`
+reads), and the collator can mark where the level token sits for the CE + MSE rating loss of
+trainers/sft.py. `rating_question` writes Q-Save's five-level prompt for such a line.
 
 The collator renders exactly the chat the engine scores with and calls the processor exactly as
 the engine does (`engine.inputs.processor_inputs`), on frames sampled by the same `load_video`, so what the
@@ -52,6 +54,8 @@ class InstructRecord:
 
     `mos` (optional): the human mean opinion score of a rating question (Q-Save); with it the
     answer is a rating level (Bad..Excellent) instead of Yes/No.
+    `rating` (optional): the rating level of a rating question, the ground truth of Q-Save's
+    GRPO accuracy reward; it equals the answer, and a record with `mos` gets its answer as rating.
     `source` ("file, line N") only says where the record came from, for error messages.
     """
 
@@ -64,13 +68,20 @@ class InstructRecord:
     answer: str
     reason: str = ""
     mos: float | None = None
+    rating: str | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self):
         self.as_question()  # validates the question fields (QuestionError names the field)
         if not isinstance(self.video, str) or not self.video.strip():
             raise InstructError(f"field 'video' must be a non-empty path, got {self.video!r}")
-        if self.mos is None and self.answer not in ANSWERS:
+        if self.rating is not None:
+            if self.rating not in RATING_LEVELS:
+                raise InstructError(f"field 'rating' must be one of {', '.join(RATING_LEVELS)} (any case), got {self.rating!r}")
+            if self.answer != self.rating:
+                raise InstructError(f"field 'answer' ({self.answer!r}) must equal field 'rating' ({self.rating!r}): "
+                                    "a rating question is answered with its level")
+        if self.mos is None and self.rating is None and self.answer not in ANSWERS:
             raise InstructError(f"field 'answer' must be 'Yes' or 'No', got {self.answer!r}")
         if self.mos is not None:
             if isinstance(self.mos, bool) or not isinstance(self.mos, (int, float)) or not math.isfinite(self.mos):
@@ -78,6 +89,8 @@ class InstructRecord:
             if self.answer not in RATING_LEVELS:
                 raise InstructError(f"a record with 'mos' answers with a rating level ({', '.join(RATING_LEVELS)}), "
                                     f"got {self.answer!r}; `rating_level(mos)` gives the level of a MOS")
+            if self.rating is None:
+                object.__setattr__(self, "rating", self.answer)  # the level is the rating reward's ground truth
         if not isinstance(self.reason, str):
             raise InstructError(f"field 'reason' must be a string, got {type(self.reason).__name__}")
         tags = [tag for tag in _TAGS if tag in self.reason]
@@ -93,19 +106,51 @@ class InstructRecord:
         if not isinstance(row, dict):
             raise InstructError(f"expected a JSON object, got {type(row).__name__}")
         question = Question.from_dict(row)
-        missing = [key for key in ("video", "answer") if key not in row]
+        rating = _level(row.get("rating"))
+        missing = [key for key in ("video", "answer") if key not in row and not (key == "answer" and rating is not None)]
         if missing:
             raise InstructError(f"missing field(s) {', '.join(missing)}")
-        answer, mos = row["answer"], row.get("mos")
+        answer, mos = row.get("answer", rating), row.get("mos")
         if isinstance(answer, str):
-            allowed = ANSWERS if mos is None else RATING_LEVELS
+            allowed = ANSWERS if mos is None and rating is None else RATING_LEVELS
             answer = next((a for a in allowed if a.lower() == answer.strip().lower()), answer)
         reason = row.get("reason")
         return cls(**question.to_dict(), video=row["video"], answer=answer, reason="" if reason is None else reason,
-                   mos=mos, source=source or row.get("source", ""))
+                   mos=mos, rating=rating, source=source or row.get("source", ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _level(value: Any) -> Any:
+    """A rating level in its canonical spelling ("good " -> "Good"); anything else unchanged, for the error."""
+    if isinstance(value, str):
+        return next((level for level in RATING_LEVELS if level.lower() == value.strip().lower()), value)
+    return value
+
+
+# Q-Save Sec. 3.4.1's chain-of-thought prompt, with this project's tags in place of <think>...</think>Rating
+# (DESIGN.md, Contracts). "three questions" and the two that follow are the paper's words.
+RATING_PROMPT = (
+    "Judge its {dimension} based on following three criteria: {criteria}. Considering the above video standards, "
+    "you need to answer the following three questions: 1. Provides quality analysis of the video in this dimension. "
+    "2. How would you rate the {dimension} of this video? Your rating can only be selected from the following five "
+    "levels: [{levels}]. Please integrate your answer with the following format: "
+    f"{prompts.REASON_OPEN}Your analysis here{prompts.REASON_CLOSE}{prompts.ANSWER_OPEN}Rating{prompts.ANSWER_CLOSE}"
+)
+
+
+def rating_question(dimension: str, config=None) -> str:
+    """Q-Save's five-level rating prompt for one of the five dimensions, its criteria being the
+    dimension's key points in the question config (`configs/questions.yaml` when `config` is None)."""
+    from finger_reward.questions.config import load_question_config
+
+    config = config if config is not None else load_question_config()
+    if dimension not in config.dimensions:
+        raise ValueError(f"unknown dimension {dimension!r}; one of {', '.join(config.dimensions)}")
+    spec = config.dimensions[dimension]
+    criteria = "; ".join(f"{i}) {point}" for i, point in enumerate(spec.key_points, start=1))
+    return RATING_PROMPT.format(dimension=spec.name.lower(), criteria=criteria, levels=", ".join(RATING_LEVELS))
 
 
 def rating_level(mos: float, low: float = 1.0, high: float = 5.0) -> str:

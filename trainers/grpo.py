@@ -84,7 +84,8 @@ from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instru
 from finger_reward.preference import load_training_records, log_fields
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.recipes import parse_recipe
-from finger_reward.rewards import accuracy_reward, format_reward
+from finger_reward.rewards import (accuracy_reward, format_reward, length_reward, multi_dimension_reward,
+                                   preference_reward, rating_reward, temporal_reward)
 from finger_reward.rope import with_rope_positions
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
@@ -96,6 +97,9 @@ LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 DTYPES = ("float32", "bfloat16", "float16")
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 MODE = "reason"  # GRPO trains the reasoning format; the prompt is the engine's reason-mode prompt
+# The recipe's `reward_funcs` names (the edge's registry): the training rewards of finger_reward.rewards.
+REWARD_FUNCS = {f.__name__: f for f in (accuracy_reward, format_reward, length_reward, temporal_reward,
+                                        multi_dimension_reward, preference_reward, rating_reward)}
 # HF Trainer's checkpoint file names, plus the loop's own position.
 OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME = "optimizer.pt", "scheduler.pt", "rng_state.pth"
 TRAINER_STATE_NAME, LOOP_STATE_NAME = "trainer_state.json", "grpo_state.json"
@@ -135,6 +139,13 @@ class GRPORecipe:
                                                                      "Written to finger_reward.json, so scoring follows"})
     clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy_reward", "format_reward"], metadata={
+        "help": f"reward functions of finger_reward.rewards, summed (FingER Eq. 9: accuracy_reward, format_reward); one of {', '.join(REWARD_FUNCS)}"})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "one weight per reward function (default 1 each)"})
+    temporal_shuffle: bool = field(default=False, metadata={
+        "help": "VQ-Insight temporal modelling (Eq. 4): also sample G answers on the clip with its frames shuffled (seeded) and pass "
+                "w_seq / w_rand, the probabilities of the correct answer, to the rewards (temporal_reward); not trained on"})
+
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft); the reference is the model with adapters disabled"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
@@ -168,11 +179,26 @@ class GRPORecipe:
         if not self.fps > 0 or self.max_frames < 1 or self.max_pixels < 1:
             raise ValueError(f"need fps > 0, max_frames >= 1, max_pixels >= 1; got {self.fps}, {self.max_frames}, {self.max_pixels}")
         slowfast_threshold(self.slowfast)
+        _check_reward_recipe(self)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.forward_batch_size is not None and self.forward_batch_size < 1:
             raise ValueError(f"forward_batch_size must be at least 1, got {self.forward_batch_size}")
+
+
+def _check_reward_recipe(recipe: GRPORecipe):
+    """Reward names, weights and the temporal pass agree (GRPORecipe.__post_init__)."""
+    unknown = [name for name in recipe.reward_funcs if name not in REWARD_FUNCS]
+    if unknown or not recipe.reward_funcs:
+        raise ValueError(f"reward_funcs {unknown or '[]'}: name functions of finger_reward.rewards, one of {', '.join(REWARD_FUNCS)}")
+    if recipe.reward_weights is not None and len(recipe.reward_weights) != len(recipe.reward_funcs):
+        raise ValueError(f"{len(recipe.reward_funcs)} reward_funcs but {len(recipe.reward_weights)} reward_weights; give one weight each")
+    if ("temporal_reward" in recipe.reward_funcs) != recipe.temporal_shuffle:
+        raise ValueError("temporal_reward needs the shuffled pass and the shuffled pass serves only temporal_reward: "
+                         "set temporal_shuffle: true together with temporal_reward in reward_funcs, or neither")
+    if recipe.temporal_shuffle and recipe.slowfast is not None:
+        raise ValueError("temporal_shuffle shuffles plain frames; set slowfast: null for the temporal reward")
 
 
 def grpo_config(recipe: GRPORecipe) -> GRPOConfig:
@@ -275,11 +301,18 @@ class VideoGRPOTrainer:
         disable_dropout_in_model(self.model)
         if recipe.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [accuracy_reward, format_reward]
+        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [REWARD_FUNCS[n] for n in recipe.reward_funcs]
+        if reward_weights is None and reward_funcs is None and recipe.reward_weights is not None:
+            reward_weights = recipe.reward_weights
         self.reward_weights = torch.tensor(reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs))
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
         self.records = records if records is not None else load_training_records(recipe.data)  # questions or preference pairs
+        if rating_reward in self.reward_funcs:  # fail now, not mid-run, on a question without a rating
+            unrated = [r.source or r.video for r in self.records if getattr(r, "rating", None) is None]
+            if unrated:
+                raise ValueError(f"rating_reward needs a 'rating' (or 'mos') on every record; {len(unrated)} have none, "
+                                 f"first: {unrated[0]}")
         if len(self.records) < self.parallel.world_size:
             raise ValueError(f"{len(self.records)} record(s) cannot give each of {self.parallel.world_size} processes its own question")
         self.parallel.broadcast_parameters(self.model)
@@ -383,7 +416,10 @@ class VideoGRPOTrainer:
         if "mm_token_type_ids" in prompt:
             batch["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
 
-        rewards, per_func, extra, metrics = self.score(record, texts, ids_list)
+        columns, temporal_log, temporal_metrics = self.temporal_pass(record, batch, texts)
+        rewards, per_func, extra, metrics = self.score(record, texts, ids_list, **columns)
+        extra.update(temporal_log)
+        metrics.update(temporal_metrics)
         mean = rewards.mean()
         std = rewards.std()
         advantages = rewards - mean
@@ -415,10 +451,21 @@ class VideoGRPOTrainer:
         ]
         return batch
 
-    def score(self, record: InstructRecord, texts: list[str], ids_list: list[list[int]]):
-        """Rewards in TRL's calling convention; None means not applicable (NaN, ignored in the sum)."""
+    def temporal_pass(self, record: InstructRecord, batch: dict, texts: list[str]) -> tuple[dict, dict, dict]:
+        """VQ-Insight's shuffled pass (recipe.temporal_shuffle; trainers/shuffled_pass.py): reward columns
+        w_seq / w_rand, log columns and metrics; nothing without temporal_shuffle. Not trained on."""
+        if not self.recipe.temporal_shuffle:
+            return {}, {}, {}
+        from finger_reward.trainers.shuffled_pass import temporal_pass
+
+        return temporal_pass(self, record, batch, texts)
+
+    def score(self, record: InstructRecord, texts: list[str], ids_list: list[list[int]], **reward_columns):
+        """Rewards in TRL's calling convention; None means not applicable (NaN, ignored in the sum).
+        `reward_columns` (one value per completion, e.g. w_seq / w_rand) join the record's columns."""
         G = len(texts)
         columns = {k: [v] * G for k, v in record.to_dict().items() if k not in ("prompt", "completion", "completion_ids")}
+        columns.update(reward_columns)
         extra: dict[str, list] = {}
         metrics: dict[str, float] = {}
         per_func = {}
