@@ -22,10 +22,15 @@ def evaluator_grpo(work_dir: Path, options: dict) -> None:
     def length_reward(completions, **kwargs):  # differs within a group of a random model's completions
         return [len(c) / 10 for c in completions]
 
+    def trainable(model):  # a sharded parameter gathered whole (a collective call)
+        return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for name, p in model.named_parameters() if p.requires_grad}
+
     trainer = build_trainer(GRPORecipe(**options), reward_funcs=[length_reward])
-    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    start = trainable(trainer.model)
     trainer.train(resume_from_checkpoint=options.get("resume_from_checkpoint"))
-    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.save_model(options["output_dir"])
+    weights = trainable(trainer.model)
     torch.save({"weights": weights, "start": start, "completions": trainer.completions, "log": trainer.log_history},
                work_dir / f"grpo-rank{trainer.parallel.rank}.pt")
 

@@ -87,6 +87,7 @@ from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import (accuracy_reward, format_reward, length_reward, multi_dimension_reward,
                                    preference_reward, rating_reward, temporal_reward)
 from finger_reward.rope import with_rope_positions
+from finger_reward.trainers import fsdp
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
 from finger_reward.trainers.rollout import sample_group
@@ -152,6 +153,9 @@ class GRPORecipe:
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: str = field(default=LANGUAGE_MODEL_LINEARS, metadata={"help": "peft target_modules (regex or 'all-linear')"})
     freeze_vision: bool = field(default=False, metadata={"help": "full fine-tuning only: keep the vision tower fixed"})
+    fsdp: bool = field(default=False, metadata={"help": "full fine-tuning sharded over the torchrun processes (FSDP2, trainers/fsdp.py): "
+                                                       "fp32 weights, gradients, AdamW states and the reference model split N ways, "
+                                                       "compute in bf16 when bf16 is set; checkpoints are sharded (DCP)"})
 
     model_dtype: str = field(default="float32", metadata={"help": f"dtype of the loaded weights, one of {DTYPES}"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
@@ -174,6 +178,10 @@ class GRPORecipe:
             raise ValueError(f"need beta >= 0, epsilon > 0, num_iterations >= 1; got {self.beta}, {self.epsilon}, {self.num_iterations}")
         if self.model_dtype not in DTYPES:
             raise ValueError(f"model_dtype={self.model_dtype!r} is not one of {DTYPES}")
+        if self.fsdp and self.lora:
+            raise ValueError("fsdp shards full fine-tuning; LoRA adapters are small enough to train data-parallel: set lora or fsdp, not both")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+            raise ValueError("fsdp: true shards over processes: launch with torchrun --nproc_per_node N (N >= 2), or set fsdp: false")
         if self.lora and self.freeze_vision:
             raise ValueError("freeze_vision applies to full fine-tuning; with lora=true only the adapters train already")
         if not self.fps > 0 or self.max_frames < 1 or self.max_pixels < 1:
@@ -299,8 +307,8 @@ class VideoGRPOTrainer:
         # No dropout in any pass (LoRA's included, as TRL's disable_dropout): the old-policy and the
         # training log-probabilities of one rollout then agree exactly, so at mu=1 the ratio is 1.
         disable_dropout_in_model(self.model)
-        if recipe.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        if recipe.gradient_checkpointing:  # non-reentrant: the variant FSDP2 supports
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [REWARD_FUNCS[n] for n in recipe.reward_funcs]
         if reward_weights is None and reward_funcs is None and recipe.reward_weights is not None:
             reward_weights = recipe.reward_weights
@@ -316,12 +324,12 @@ class VideoGRPOTrainer:
         if len(self.records) < self.parallel.world_size:
             raise ValueError(f"{len(self.records)} record(s) cannot give each of {self.parallel.world_size} processes its own question")
         self.parallel.broadcast_parameters(self.model)
-        if self.parallel.world_size > 1:  # same weights everywhere, different samples in each process
-            torch.manual_seed(recipe.seed + self.parallel.rank)
         self.collator = VideoSFTCollator(processor, MODE, fps=recipe.fps, max_frames=recipe.max_frames,
                                          max_pixels=recipe.max_pixels, slowfast=as_slowfast(recipe.slowfast),
                                          clip_cache=recipe.clip_cache)
         self.ref_model = self._reference()
+        if recipe.fsdp:  # after the reference is copied, before the optimizer sees the parameters
+            self._shard()
         eos = {self.tokenizer.convert_tokens_to_ids(self.collator.end_of_turn)} if self.collator.end_of_turn else set()
         eos |= {self.tokenizer.eos_token_id} - {None}
         eos |= set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
@@ -352,6 +360,12 @@ class VideoGRPOTrainer:
         ref = copy.deepcopy(self.model).eval()
         ref.requires_grad_(False)
         return ref
+
+    def _shard(self):
+        compute_dtype = torch.bfloat16 if self.recipe.bf16 else None
+        fsdp.shard(self.model, compute_dtype=compute_dtype)
+        if self.ref_model is not None:  # frozen: no fp32 master copy needed
+            fsdp.shard(self.ref_model.to(compute_dtype or self.ref_model.dtype), compute_dtype=compute_dtype)
 
     def _ref_context(self):
         if self.ref_model is None and self.recipe.lora:
@@ -498,7 +512,10 @@ class VideoGRPOTrainer:
                               for i in range(0, rows, size)])
 
     def _logps(self, model, inputs: dict, prompt_length: int) -> torch.Tensor:
-        logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1: -1].float() / self.args.temperature
+        # Logits of the completion positions only: over a video prompt of thousands of tokens the full
+        # (rows, length, vocabulary) logits would be the largest tensor of the step.
+        keep = inputs["input_ids"].shape[1] - prompt_length + 1
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1].float() / self.args.temperature
         targets = inputs["input_ids"][:, prompt_length:]
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
@@ -548,8 +565,9 @@ class VideoGRPOTrainer:
         pending = self._pending
         self.model.train()
         while self.global_step < args.max_steps:
-            groups = [self.rollout(self._next_record())
-                      for _ in range(recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size)]
+            with fsdp.gathered(self.model):  # sampling decodes token by token: no gather per layer and token
+                groups = [self._seeded_rollout(i)
+                          for i in range(recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size)]
             rows = self.parallel.gather([row for g in groups for row in g["log"]])
             self.completions.extend(rows)
             if self.parallel.is_main:
@@ -570,10 +588,23 @@ class VideoGRPOTrainer:
                     and self.global_step < args.max_steps:
                 self.save_checkpoint()
         self.model.eval()
-        if recipe.eval_data and self.parallel.is_main:
-            self.evaluate()
-        self.parallel.barrier()
+        if recipe.eval_data:
+            with fsdp.gathered(self.model):  # process 0 evaluates on the whole model; the others wait
+                if self.parallel.is_main:
+                    self.evaluate()
+                self.parallel.barrier()
         return self
+
+    def _seeded_rollout(self, index: int) -> dict:
+        """The rollout of this process's `index`-th question of the step, sampled from a seed of its own (the
+        run's seed, the step, the question's place among all processes' questions of the step): a run samples
+        the same completions on 1 or N processes, and a resumed run the same as a straight one."""
+        record = self._next_record()
+        place = index * self.parallel.world_size + self.parallel.rank
+        seed = ((self.recipe.seed * 1_000_003 + self.global_step) * 1_000_003 + place) % 2**63
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.rollout(record)
 
     def optimizer_step(self, groups: list[dict]) -> dict[str, float]:
         """One optimizer step over the rollout groups (each group's loss weighted 1/len(groups))."""
@@ -592,12 +623,13 @@ class VideoGRPOTrainer:
                 for k, v in metrics.items():
                     totals[k].append(v)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.parallel.average_gradients(params)
+        if not self.recipe.fsdp:  # FSDP averaged them in its reduce-scatter
+            self.parallel.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.global_step += 1
-        return {"loss": loss_sum, "grad_norm": float(grad_norm), "learning_rate": self.scheduler.get_last_lr()[0],
+        return {"loss": loss_sum, "grad_norm": fsdp.grad_norm_value(grad_norm), "learning_rate": self.scheduler.get_last_lr()[0],
                 **{k: sum(v) / len(v) for k, v in totals.items()}}
 
     def log(self, metrics: dict[str, float], out: Path):
@@ -608,13 +640,18 @@ class VideoGRPOTrainer:
             with (out / "log.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save_model(self, path: str | Path):
-        """The model (or adapter), processor and scoring defaults; the main process writes them."""
+    def save_model(self, path: str | Path, *, weights: bool = True):
+        """The model (or adapter), processor and scoring defaults; the main process writes them, a sharded
+        model's weights gathered to it first (so every process calls this). `weights=False`: the config alone."""
+        state = fsdp.full_state_dict(self.model) if weights and self.recipe.fsdp else None
         if not self.parallel.is_main:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if weights:
+            self.model.save_pretrained(path, state_dict=state)
+        else:
+            self.model.config.save_pretrained(path)
         self.processor.save_pretrained(path)
         write_scoring_defaults(path, mode=MODE, fps=self.recipe.fps, max_frames=self.recipe.max_frames,
                                max_pixels=self.recipe.max_pixels, slowfast=self.recipe.slowfast)
@@ -626,10 +663,15 @@ class VideoGRPOTrainer:
         folder renamed at the end, so a run killed while saving leaves no half checkpoint behind."""
         path = Path(path) if path is not None else Path(self.recipe.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.global_step}"
         tmp = path.with_name(f"tmp-{path.name}")
-        if self.parallel.is_main:  # weights, optimizer and loop state are the same in every process
+        if self.parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            self.save_model(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        self.parallel.barrier()
+        if self.recipe.fsdp:  # every process writes its own shards of the weights and AdamW states
+            fsdp.save_sharded(tmp, self.model, self.optimizer)
+        if self.parallel.is_main:  # unsharded weights, optimizer and loop state are the same in every process
+            self.save_model(tmp, weights=not self.recipe.fsdp)
+            if not self.recipe.fsdp:
+                torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_NAME)
             TrainerState(global_step=self.global_step, max_steps=self.args.max_steps, logging_steps=self.args.logging_steps,
                          save_steps=self.args.save_steps, log_history=self.log_history).save_to_json(str(tmp / TRAINER_STATE_NAME))
@@ -653,16 +695,23 @@ class VideoGRPOTrainer:
         checkpoint (True or "last": the newest in output_dir), and cut output_dir's log.jsonl and
         completions.jsonl back to that step, so the files read as if the run had never stopped."""
         path = resolve_checkpoint(checkpoint, self.recipe.output_dir)
-        missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
-                   if not (path / name).is_file()]
+        weights = fsdp.SHARDED_DIR if self.recipe.fsdp else OPTIMIZER_NAME
+        missing = [name for name in (weights, SCHEDULER_NAME, TRAINER_STATE_NAME, LOOP_STATE_NAME)
+                   if not (path / name).exists()]
         if missing:
-            raise ValueError(f"{path} is not a GRPO checkpoint of this trainer: missing {', '.join(missing)}")
+            sharded = (path / fsdp.SHARDED_DIR).is_dir()
+            hint = f" (it was saved by a run with fsdp: {str(sharded).lower()}; resume with the same)" \
+                if sharded != self.recipe.fsdp and (path / SCHEDULER_NAME).is_file() else ""
+            raise ValueError(f"{path} is not a GRPO checkpoint of this trainer: missing {', '.join(missing)}{hint}")
         if not (path / self._rng_file()).is_file():
             saved = sorted(p.name for p in path.glob("rng_state*.pth"))
             raise ValueError(f"{path} has no {self._rng_file()} for this process (it holds {saved or 'none'}); "
                              f"resume with as many processes as the run that saved it ({max(len(saved), 1)})")
-        self._load_weights(path)
-        self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True))
+        if self.recipe.fsdp:
+            fsdp.load_sharded(path, self.model, self.optimizer)
+        else:
+            self._load_weights(path)
+            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, weights_only=True))
         state = TrainerState.load_from_json(str(path / TRAINER_STATE_NAME))
         if state.max_steps != self.args.max_steps:

@@ -1,0 +1,85 @@
+"""Sharded full fine-tuning (FSDP2) of the evaluator's GRPO loop on two CPU processes (gloo): the same
+steps as one process, sharded checkpoints that resume exactly, and a final model any process can load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_distributed import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_sharded_run_equals_one_process_and_resumes_exactly(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from finger_reward.synthetic import make_world
+    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
+
+    world = make_world(tmp_path / "world", num_scenes=1)
+    options = dict(model=str(tiny_model_dir), data=str(world.instruct_path), num_generations=4, max_completion_length=8,
+                   max_steps=3, learning_rate=1e-3, logging_steps=1, save_steps=2, max_frames=4, seed=0)
+
+    # Two processes, one question each per step, every layer sharded, activations recomputed.
+    sharded = launch("grpo-evaluator", tmp_path, json.dumps({**options, "output_dir": str(tmp_path / "sharded"),
+                                                             "fsdp": True, "gradient_checkpointing": True}),
+                     "grpo-rank{}.pt")
+    # One process taking both questions of each step: the same questions, the same samples (each question's
+    # completions have a seed of their own), so the same losses and weights up to float rounding.
+    def length_reward(completions, **kwargs):  # as tests/distributed_run.py
+        return [len(c) / 10 for c in completions]
+
+    alone = build_trainer(GRPORecipe(**options, output_dir=str(tmp_path / "alone"), per_device_train_batch_size=2),
+                          reward_funcs=[length_reward]).train()
+
+    assert [row["completion"] for row in sharded[0]["completions"]] == [row["completion"] for row in alone.completions]
+    for ours, theirs in zip(sharded[0]["log"], alone.log_history, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ("loss", "reward", "kl", "grad_norm"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    weights = dict(alone.model.named_parameters())
+    moved = 0
+    for name, value in sharded[0]["weights"].items():
+        # Each step moves a weight by about the learning rate (1e-3); the two runs agree to 1e-6, except the
+        # key biases: softmax ignores a shift of all of a query's scores, so their gradient is rounding
+        # noise, which AdamW's normalisation blows up to a step of its own.
+        atol = 1e-4 if name.endswith("k_proj.bias") else 1e-6
+        torch.testing.assert_close(value, weights[name].detach(), atol=atol, rtol=0, msg=name)
+        torch.testing.assert_close(value, sharded[1]["weights"][name], atol=0, rtol=0)
+        moved += not torch.equal(value, sharded[0]["start"][name])
+    assert moved > len(weights) // 2
+
+    # The final model is an ordinary checkpoint, whole, loadable without torchrun.
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "sharded")
+    for name, value in final.state_dict().items():
+        if name in sharded[0]["weights"]:
+            torch.testing.assert_close(value, sharded[0]["weights"][name], atol=0, rtol=0)
+    # Checkpoints hold each process's shards (DCP), not a gathered copy or optimizer.pt.
+    checkpoint = tmp_path / "sharded" / "checkpoint-2"
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2
+    assert not (checkpoint / "optimizer.pt").exists() and not (checkpoint / "model.safetensors").exists()
+
+    # A sharded run resumed from checkpoint-2 ends where the straight sharded run ended.
+    checkpoint.rename(tmp_path / "checkpoint-2")
+    resumed = launch("grpo-evaluator", tmp_path, json.dumps({**options, "output_dir": str(tmp_path / "resumed"),
+                                                             "fsdp": True, "gradient_checkpointing": True,
+                                                             "resume_from_checkpoint": str(tmp_path / "checkpoint-2")}),
+                     "grpo-rank{}.pt")
+    for name, want in sharded[0]["weights"].items():
+        torch.testing.assert_close(resumed[0]["weights"][name], want, atol=1e-6, rtol=0, msg=name)
+    assert [row["step"] for row in resumed[0]["log"]] == [1, 2, 3]
+
+
+def test_fsdp_recipe_errors_name_the_fix(tiny_model_dir, monkeypatch):
+    from finger_reward.trainers.grpo import GRPORecipe
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
+        GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="set lora or fsdp, not both"):
+        GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True, lora=True)
+    assert GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True).fsdp
