@@ -261,6 +261,7 @@ class VideoSFTCollator:
                                   patch_factor=patch_factor(processor))
         self.split = prompts.split_prompt(processor, mode)
         self.pair_split = prompts.split_prompt(processor, mode, pair=True)  # preference records: two videos
+        self.rating_split = prompts.split_prompt(processor, mode, rating=True)  # rating records: five levels
         self.end_of_turn = _end_of_turn(processor, mode)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -271,8 +272,9 @@ class VideoSFTCollator:
 
     def prompt_text(self, record: InstructRecord) -> str:
         """The engine's prompt for this question (`split.prefix + question + split.suffix`); for a
-        `preference.PreferenceRecord`, the two-video prompt `FingerReward.compare` asks."""
-        split = self.pair_split if _is_pair(record) else self.split
+        `preference.PreferenceRecord`, the two-video prompt `FingerReward.compare` asks; for a rating
+        record, the same chat with Q-Save's five-level system turn (`prompts.RATING_SYSTEM_PROMPTS`)."""
+        split = self.pair_split if _is_pair(record) else self.rating_split if getattr(record, "rating", None) else self.split
         return split.prefix + split.text_after_video(record.question)
 
     def load_clip(self, record: InstructRecord) -> Clip | tuple[Clip, Clip]:

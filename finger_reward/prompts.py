@@ -27,6 +27,19 @@ SYSTEM_PROMPTS = {
     ),
 }
 
+# Q-Save's rating questions (Sec. 3.4.1): the answer is one of five levels, not Yes/No.
+RATING_SYSTEM_PROMPTS = {
+    "answer": (
+        "You are a careful judge of AI-generated videos. Watch the video, then rate it as the "
+        "question asks with one of Bad, Poor, Fair, Good or Excellent only."
+    ),
+    "reason": (
+        "You are a careful judge of AI-generated videos. Watch the video, then rate it as the "
+        "question asks. First explain your reasoning inside <reason></reason>, then give one of "
+        "Bad, Poor, Fair, Good or Excellent inside <answer></answer>."
+    ),
+}
+
 # VQ-Insight's preference comparison (Sec. "Preference Comparison Reward"): two videos, one choice.
 PAIR_SYSTEM_PROMPTS = {
     "answer": (
@@ -61,10 +74,11 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def build_messages(question: str, mode: str = "answer", clip: Clip | None = None) -> list[dict]:
-    """The chat for one question about one video: system turn, then video, then the question."""
+def build_messages(question: str, mode: str = "answer", clip: Clip | None = None, *, rating: bool = False) -> list[dict]:
+    """The chat for one question about one video: system turn, then video, then the question.
+    `rating=True`: a Q-Save rating question, whose system turn asks for one of the five levels."""
     return [
-        {"role": "system", "content": SYSTEM_PROMPTS[check_mode(mode)]},
+        {"role": "system", "content": (RATING_SYSTEM_PROMPTS if rating else SYSTEM_PROMPTS)[check_mode(mode)]},
         {"role": "user", "content": [*video_blocks(clip), {"type": "text", "text": question}]},
     ]
 
@@ -172,12 +186,13 @@ class SplitPrompt:
         return question + self.suffix
 
 
-def split_prompt(processor, mode: str = "answer", *, pair: bool = False) -> SplitPrompt:
+def split_prompt(processor, mode: str = "answer", *, pair: bool = False, rating: bool = False) -> SplitPrompt:
     """Render the processor's own chat template once and split it at the question.
 
     `pair=True`: the two-video comparison chat (`build_pair_messages`), whose prefix holds both videos.
+    `rating=True`: the chat of a Q-Save rating question (five levels instead of Yes/No).
     """
-    messages = build_pair_messages(_SENTINEL, mode) if pair else build_messages(_SENTINEL, mode)
+    messages = build_pair_messages(_SENTINEL, mode) if pair else build_messages(_SENTINEL, mode, rating=rating)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if text.count(_SENTINEL) != 1:
         raise ValueError("the chat template must place the question text exactly once")

@@ -225,3 +225,10 @@ def test_qsave_recipe_trains_with_rating_reward(tiny_model_dir, rating_path, tmp
     rewards, per_func, _, _ = trainer.score(record, [f"<reason>Clean.</reason><answer>{record.rating}</answer>",
                                                      f"<reason>Clean.</reason><answer>{wrong}</answer>", "garbage"], [[1]] * 3)
     assert per_func["rating_reward"].tolist() == [1.5, 0.5, 0.0] and rewards.tolist() == [1.5, 0.5, 0.0]
+    # The rollout's prompt asks for a level: Q-Save's question under the five-level system turn, not the Yes/No one.
+    from finger_reward.prompts import RATING_SYSTEM_PROMPTS, SYSTEM_PROMPTS
+
+    text = trainer.collator.prompt_text(record)
+    assert RATING_SYSTEM_PROMPTS["reason"] in text and SYSTEM_PROMPTS["reason"] not in text and record.question in text
+    plain = dataclasses.replace(record, rating=None, mos=None, answer="Yes")
+    assert SYSTEM_PROMPTS["reason"] in trainer.collator.prompt_text(plain)
