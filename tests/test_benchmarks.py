@@ -86,3 +86,16 @@ def test_service_soak_runs_a_real_server_under_mixed_load():
     assert "good: scored" in out and "corrupt: bad video failed alone" in out and "malformed: HTTP 400" in out, out
     assert "unexpected" not in out and "Error" not in out, out  # every request ended as its kind should
     assert re.search(r"server memory after warm-up: RSS \d+ MB .* at the end: RSS \d+ MB", out), out
+
+
+@pytest.mark.slow
+def test_grpo_rollout_benchmark_reports_both_paths_and_a_ratio():
+    """Shared-prefill GRPO sampling against generate on G repeated prompts, tiny model, a few tokens."""
+    out = run_script("grpo_rollout.py", "--config", "tiny", "--size", "56", "--seconds", "2", "--max-new-tokens", "4",
+                     "--generations", "4", "--repeats", "1")
+    rows = dict(re.findall(r"(generate x G|shared prefill): ([0-9.]+) s/group, (?:\d+) tokens written", out))
+    assert set(rows) == {"generate x G", "shared prefill"} and all(float(v) > 0 for v in rows.values()), out
+    written = [int(n) for n in re.findall(r"(\d+) tokens written", out)]
+    assert len(written) == 2 and all(0 < n <= 4 * 4 for n in written), out  # G rows x at most 4 tokens
+    ratio = float(re.search(r"shared prefill / generate x G: ([0-9.]+)x", out).group(1))
+    assert ratio > 0, out
