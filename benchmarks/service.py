@@ -3,6 +3,7 @@
     python benchmarks/service.py                          # small random Qwen2.5-VL, 32 clients
     python benchmarks/service.py --model PATH --clients 32 --videos 128
     python benchmarks/service.py --soak 120 [--model PATH] [--soak-clients 64]
+    python benchmarks/service.py --ray --kill-replica [--clients 16] [--kill-after 10] [--run-after 10]
 
 Direct: `FingerReward.score(videos, prompts)` on all videos at once. Service: the same
 FingerReward behind `LocalServer` on 127.0.0.1, `--clients` threads each sending one video
@@ -20,6 +21,13 @@ requests from `--soak-clients` threads for that long: good videos, corrupt video
 alone, the rest of its request scored) and malformed bodies (400). It prints throughput, p50/p99
 latency, the outcomes by kind, and the server process's resident memory (VmRSS, and its peak
 VmHWM) after warm-up and at the end, so a leak shows as growth.
+
+`--ray --kill-replica` deploys the service on a local Ray (`--ray-cpus`, default 2) with 2 CPU replicas, sends a
+steady stream of one-video requests from `--clients` threads (each its own `FingerRewardClient`, retries on), and
+after `--kill-after` seconds SIGKILLs one replica's process. It prints requests sent, answered (with the direct
+score), retried (and why), failed, lost; the seconds until Ray Serve runs 2 replicas again; requests/s before the
+kill, until recovery and after it (ratios against before); and the shared result store's counts (a duplicate is a
+request scored twice).
 """
 
 from __future__ import annotations
@@ -71,9 +79,18 @@ def main() -> None:
     parser.add_argument("--wan-clips", type=int, default=4, help="Wan-size clips for the transport figures (0: skip)")
     parser.add_argument("--soak", type=float, default=0, help="seconds of mixed load on a `finger-reward serve` process")
     parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument("--ray", action="store_true", help="run on a local Ray Serve (with --kill-replica)")
+    parser.add_argument("--kill-replica", action="store_true", help="SIGKILL one of 2 replicas under load")
+    parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--kill-after", type=float, default=10, help="seconds of load before the kill")
+    parser.add_argument("--run-after", type=float, default=10, help="seconds of load after recovery")
     args = parser.parse_args()
+    if args.ray != args.kill_replica:
+        parser.error("--ray and --kill-replica go together: the Ray run is the killed-replica drill")
     if args.soak:
         return soak(args)
+    if args.kill_replica:
+        return kill_replica(args)
 
     prompt = "a red circle moves from left to right"
     questions = [Question(prompt, DIMENSIONS[i % 5], "red circle", f"Question {i} about the red circle?", i % 2 == 0)
@@ -261,6 +278,109 @@ def soak(args) -> None:
         print(f"  {outcome:<40} {count}")
     print(f"server memory after warm-up: RSS {start_memory[0]:.0f} MB (peak {start_memory[1]:.0f} MB); "
           f"at the end: RSS {end_memory[0]:.0f} MB (peak {end_memory[1]:.0f} MB)")
+
+
+# ---- a killed Ray Serve replica ---------------------------------------------------------------------------
+
+
+def _ray_load(url: str, clients: int, jobs: list, expected: dict, stop: threading.Event) -> tuple[list, list]:
+    """Threads scoring one video per request until `stop`: (request records, threads). A record is
+    [sent_at, ended_at, outcome, retried problems]; outcome is "answered", "wrong", "failed: ..." or None (no end)."""
+    records, lock = [], threading.Lock()
+
+    def worker(c: int) -> None:
+        client = FingerRewardClient(url, backoff=0.2, max_retries=8, on_error="nan")
+        n = c
+        while not stop.is_set():
+            video, prompt = jobs[n % len(jobs)]
+            record = [time.perf_counter(), None, None, []]
+            with lock:
+                records.append(record)
+            try:
+                result = client.score([video], prompt)[0]
+                good = result.ok and abs(result.overall - expected[video, prompt]) <= 1e-5
+                outcome = "answered" if good else "wrong" if result.ok else f"failed: {result.error}"
+            except Exception as err:  # counted; the drill must not stop at the first error
+                outcome = f"failed: {type(err).__name__}: {err}"
+            record[1:] = time.perf_counter(), outcome, list(client.stats.retried)
+            n += clients
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    return records, threads
+
+
+def kill_replica(args) -> None:
+    """2 replicas under steady load, one SIGKILLed: every request's end, the recovery time, the store's counts."""
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    from finger_reward.serve.ray_app import APP_NAME, DEPLOYMENT, STORE, replica_pids, run_ray, shutdown_ray
+    from finger_reward.tiny import make_tiny_model
+
+    prompts = ["a red circle moves right", "a blue square stays still"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(make_tiny_model(Path(tmp) / "model"))
+        videos = [str(v) for v in make_videos(Path(tmp), 4, 64)]
+        direct = FingerReward.from_pretrained(model)
+        expected = {(v, p): direct.score([v], p)[0].overall for v in videos for p in prompts}
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
+        try:
+            url = run_ray(ServeConfig(model=model, port=_free_port(), replicas=2, num_cpus_per_replica=0.5),
+                          blocking=False)
+            FingerRewardClient(url).score(videos[:2], prompts[0])  # warm-up
+            victim, survivor = replica_pids()
+            stop = threading.Event()
+            records, threads = _ray_load(url, args.clients, list(expected), expected, stop)
+            start = time.perf_counter()
+            time.sleep(args.kill_after)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.perf_counter()
+            while True:  # recovered: a new replica process is up and Serve reports 2 running
+                pids = replica_pids()
+                states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
+                if len(pids) == 2 and victim not in pids and states.get("RUNNING") == 2:
+                    break
+                time.sleep(0.2)
+            recovered = time.perf_counter()
+            time.sleep(args.run_after)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=600)
+            end = time.perf_counter()
+            store = serve.get_deployment_handle(STORE, app_name=APP_NAME).stats.remote().result()
+        finally:
+            shutdown_ray()
+
+    outcomes = Counter(r[2] or "no answer (lost)" for r in records)
+    reasons = Counter(problem for r in records for problem in r[3])
+
+    def rate(a: float, b: float) -> float:  # requests that ended in [a, b), per second
+        return sum(1 for r in records if r[1] is not None and a <= r[1] < b) / (b - a)
+
+    before, during, after = rate(start, killed), rate(killed, recovered), rate(recovered, end)
+    print(f"killed replica: Ray Serve on a local Ray ({args.ray_cpus} CPUs), 2 replicas of "
+          f"{args.model or 'the tiny random model'}, {args.clients} clients, one video per request; "
+          f"SIGKILL after {args.kill_after:.0f} s")
+    print(f"requests sent {len(records)}, answered {outcomes['answered']}, retried "
+          f"{sum(1 for r in records if r[3])} ({sum(reasons.values())} attempts sent again), failed "
+          f"{sum(n for o, n in outcomes.items() if o.startswith('failed'))}, wrong score {outcomes['wrong']}, "
+          f"lost {outcomes['no answer (lost)']}")
+    for reason, count in reasons.most_common():
+        print(f"  retried after {reason!r}: {count}")
+    for outcome, count in outcomes.items():
+        if outcome.startswith("failed"):
+            print(f"  {outcome}: {count}")
+    print(f"seconds to recovery (2 replicas running, the killed one replaced): {recovered - killed:.1f}")
+    print(f"requests/s before the kill {before:.1f}, until recovery {during:.1f} ({during / before:.2f}x), "
+          f"after {after:.1f} ({after / before:.2f}x)")
+    print(f"result store: {store.get('stored', 0)} answers stored (one per key, warm-up included), "
+          f"{store.get('hit', 0)} retries answered from it on the other replica, "
+          f"{store.get('duplicates', 0)} requests scored twice; {store}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The reward service on Ray Serve under faults: one of 2 CPU replicas SIGKILLed while 16 clients send a steady
 stream, and a retry that lands on the other replica answered from the shared result store. Real local Ray (2 CPUs),
-real HTTP on 127.0.0.1, tiny model. Waits for readiness and recovery with generous timeouts, never fixed sleeps."""
+real HTTP on 127.0.0.1, tiny model. Waits for readiness and recovery with generous timeouts, never fixed sleeps.
+The store's own rules (TTL, bounds, conflicts, working without it) are checked in process, without Ray."""
 
+import asyncio
 import base64
 import os
 import signal
@@ -13,16 +15,71 @@ import httpx
 import pytest
 
 from finger_reward import FingerReward
+from finger_reward.serve.api import RequestError, ResultCache
+from finger_reward.serve.ray_cache import ResultStore, SharedResults
 from finger_reward.serve import FingerRewardClient, ServeConfig
 from tests import serve_checks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`"),  # inside Ray Serve's config
-]
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray Serve's config
 
 PROMPTS = ["a red circle moves right", "a blue square stays still"]
 CLIENTS = 16
+
+
+class InProcess:
+    """A `ResultStore` called as a Serve `DeploymentHandle` is (`handle.get.remote(...)`, awaited), in this process."""
+
+    def __init__(self, store: ResultStore | None):
+        self.store = store
+
+    def __getattr__(self, method: str):
+        return type("Method", (), {"remote": staticmethod(getattr(self.store, method))})
+
+
+def test_store_keeps_the_first_answer_within_its_ttl_and_bounds(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("finger_reward.serve.ray_cache.time.monotonic", lambda: clock[0])
+    store = ResultStore(ttl_s=10, max_entries=3, max_bytes=10)
+    run = asyncio.run
+    assert run(store.put("a", b"d", b"1234")) and not run(store.put("a", b"d", b"5678"))  # the first answer stays
+    assert run(store.get("a", b"d")) == ("hit", b"1234") and run(store.get("a", b"x")) == ("conflict", None)
+    assert run(store.put("b", b"d", b"12345")) and run(store.put("c", b"d", b"12"))  # 11 bytes: "a" goes
+    assert run(store.get("a", b"d")) == ("miss", None) and run(store.get("b", b"d"))[0] == "hit"
+    assert not run(store.put("big", b"d", b"x" * 11))  # larger than the whole store: not kept
+    clock[0] = 10.0  # ttl_s later
+    assert run(store.get("b", b"d")) == ("miss", None)
+    assert run(store.stats()) == {"entries": 0, "bytes": 0, "hit": 2, "conflict": 1, "miss": 2, "stored": 3,
+                                  "duplicates": 1, "too_large": 1, "evicted": 1, "expired": 2}
+    with pytest.raises(ValueError, match="ttl_s > 0"):
+        ResultStore(ttl_s=0)
+
+
+def test_shared_results_answer_another_replicas_request_without_scoring():
+    """Two replicas' caches over one store: the second answers the first's key from the store; a key reused for
+    another body is 422 there too; with no store reachable a replica still scores and answers."""
+    scored = []
+
+    def scoring(answer):
+        async def run():
+            scored.append(answer)
+            return 200, {"results": [answer, float("nan")]}, 2
+        return run
+
+    async def main():
+        store = InProcess(ResultStore())
+        first, second = (SharedResults(ResultCache(300, 16), store) for _ in range(2))
+        status, payload, videos = await first.get_or_run("k", b"d", scoring("a"))
+        assert (status, payload["results"][0], videos) == (200, "a", 2)
+        assert await second.get_or_run("k", b"d", scoring("b")) == (200, {"results": ["a", None]}, 2)  # NaN: null
+        assert scored == ["a"] and (first.hits, second.hits) == (0, 1)
+        await second.get_or_run("k2", b"d", scoring("c"))
+        with pytest.raises(RequestError) as conflict:
+            await first.get_or_run("k2", b"x", scoring("d"))
+        assert conflict.value.status == 422 and scored == ["a", "c"]
+        alone = SharedResults(ResultCache(300, 16), InProcess(None), timeout_s=1)  # nothing to call
+        assert (await alone.get_or_run("k", b"d", scoring("e")))[0] == 200 and scored[-1] == "e"
+
+    asyncio.run(main())
 
 
 def free_port() -> int:
@@ -79,6 +136,7 @@ def store_stats() -> dict:
     return serve.get_deployment_handle(STORE, app_name=APP_NAME).stats.remote().result(timeout_s=60)
 
 
+@pytest.mark.slow
 def test_retry_on_the_other_replica_is_answered_from_the_shared_store(url, direct, mp4_paths):
     """The same Idempotency-Key sent again until Ray Serve routes it to the replica that did not score it: that
     replica answers from the store (a store hit) instead of scoring it again (a second `put`, counted)."""
@@ -145,6 +203,7 @@ class Load:
             return len(self.ended)
 
 
+@pytest.mark.slow
 def test_killed_replica_every_request_answered_once_and_replica_restored(url, direct, mp4_paths):
     from ray import serve
 
