@@ -1,6 +1,8 @@
 """Evaluator GRPO on verl 0.9.1: the reward as verl's loader and reward loop call it, FingER-Instruct -> verl parquet
 read back by verl's own datasets and rollout tokenizer (compared with the engine's inputs), and the launcher's
-command checked against verl's Hydra config. verl's rollouts need GPUs (vLLM) and are not run here."""
+command checked against verl's Hydra config; the dry run (everything before verl's first GPU call, verl's agent loop
+with a scripted rollout and its reward loop) and the error of each of its checks. verl's rollouts need GPUs (vLLM)
+and are not run here; README ("On many GPUs (verl)") says why one GRPO step cannot run on CPU."""
 
 import asyncio
 import json
@@ -27,7 +29,7 @@ from finger_reward.instruct import InstructError, InstructRecord, VideoSFTCollat
 from finger_reward.rewards import accuracy_reward, format_reward  # noqa: E402
 from finger_reward.synthetic import make_world  # noqa: E402
 from finger_reward.tiny import build_processor  # noqa: E402
-from finger_reward.trainers import verl_grpo  # noqa: E402
+from finger_reward.trainers import verl_dry_run, verl_grpo  # noqa: E402
 
 from verl import DataProto  # noqa: E402
 from verl.experimental.reward_loop.reward_loop import RewardLoopWorker, migrate_legacy_reward_impl  # noqa: E402
@@ -290,21 +292,36 @@ def test_yaml_has_the_papers_settings_and_agrees_with_trainers_grpo():
         "path": "pkg://finger_reward.integrations.verl_evaluator", "name": "compute_score"}
 
 
-def test_dry_run_prints_a_command_verl_accepts(world, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = verl_grpo.main(["--config", str(YAML), "--model", "/models/my sft", "--train", str(world.instruct_path),
-                           "--val", str(world.instruct_path), "--output_dir", str(out), "--dry-run",
-                           "trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.n=8"])
+@pytest.fixture(scope="module")
+def dry_run_output(world, tiny_model_dir, tmp_path_factory):
+    """`python -m finger_reward.trainers.verl_grpo ... --dry-run` once: (exit code, stdout, stderr, output dir).
+    The model directory's name has a space (the command must quote it); two overrides change the YAML."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("dry")
+    (root / "my sft").symlink_to(tiny_model_dir, target_is_directory=True)
+    out, stdout, stderr = root / "run", io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = verl_grpo.main(["--config", str(YAML), "--model", str(root / "my sft"), "--train", str(world.instruct_path),
+                               "--val", str(world.instruct_path), "--output_dir", str(out), "--dry-run",
+                               "trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.n=8"])
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_dry_run_prints_a_command_verl_accepts(world, dry_run_output, tmp_path):
+    code, stdout, _, out = dry_run_output
     assert code == 0
-    command = shlex.split(capsys.readouterr().out)
+    command = shlex.split(stdout)
     assert command[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
     overrides = command[3:]
+    model = str(out.parent / "my sft")
     for expected in ("algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.use_kl_loss=true",
                      "actor_rollout_ref.actor.kl_loss_coef=0.04", "actor_rollout_ref.actor.clip_ratio=0.2",
                      "actor_rollout_ref.actor.ppo_epochs=1", "actor_rollout_ref.actor.optim.lr=5e-07",
                      "data.max_response_length=256",
                      "reward.custom_reward_function.path=pkg://finger_reward.integrations.verl_evaluator",
-                     "reward.custom_reward_function.name=compute_score", "actor_rollout_ref.model.path='/models/my sft'",
+                     "reward.custom_reward_function.name=compute_score", f"actor_rollout_ref.model.path='{model}'",  # quoted for Hydra
                      f"data.train_files={out}/data/train.parquet", f"data.val_files={out}/data/val.parquet",
                      "trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.n=8"):
         assert expected in overrides, expected
@@ -312,10 +329,95 @@ def test_dry_run_prints_a_command_verl_accepts(world, tmp_path, capsys):
     assert not any(o.startswith("finger.") for o in overrides)
     config = verl_grpo.compose_verl(overrides)  # what main_ppo's Hydra composes from this command
     assert config.actor_rollout_ref.actor.kl_loss_coef == 0.04 and config.actor_rollout_ref.rollout.n == 8
-    assert config.actor_rollout_ref.model.path == "/models/my sft"
+    assert config.actor_rollout_ref.model.path == model
     assert config.data.mm_processor_kwargs == {"do_resize": False}
     assert config.trainer.default_local_dir == str(out)
     assert len(pd.read_parquet(config.data.train_files)) == len(world.instruct_path.read_text().splitlines())
+
+
+def test_dry_run_summary_reports_the_resolved_settings(dry_run_output):
+    _, _, stderr, out = dry_run_output
+    summary = stderr[stderr.index("verl dry run: every check passed"):]
+    lines = {line.split(None, 1)[0]: line for line in summary.splitlines()[1:] if line.startswith("  ") and line[2] != " "}
+    assert "G=8, beta=0.04 (low_var_kl in the loss), clip 0.2/0.2, mu=1, lr 5e-07" in lines["config"]  # n from the command line
+    assert "1 x 8 GPUs, 2000 steps, rollout vllm" in lines["config"]
+    assert "(qwen2_5_vl, Qwen2_5_VLProcessor)" in lines["model"]
+    assert "pkg://finger_reward.integrations.verl_evaluator:compute_score via NaiveRewardManager" in lines["reward"]
+    assert "finger_video: finger_reward.integrations.verl_evaluator.FingerAgentLoop" in lines["agent"]
+    assert "train: 60 rows, videos at fps 2.0, <= 48 frames, <= 200704 pixels" in lines["data"]
+    assert "train row 0 (FingerVideoDataset)" in lines["rollout"] and "video grid [" in lines["rollout"]
+    assert "positions are finger_reward.rope's" in lines["rope"]
+    assert ("correct 2 (acc 1, format 1), wrong 1 (acc 0, format 1), malformed 0 (acc 0, format 0)"
+            in lines["rewards"])
+
+
+@pytest.fixture(scope="module")
+def overrides(small_parquet, tiny_model_dir, tmp_path_factory):
+    """main_ppo's overrides for the YAML with the tiny model and the 6-row parquet (the launcher's own command)."""
+    jsonl = small_parquet.with_suffix(".jsonl")
+    return verl_grpo.build_command(YAML, model=tiny_model_dir, train=jsonl, val=jsonl,
+                                   output_dir=tmp_path_factory.mktemp("dry_small"))[3:]
+
+
+def test_dry_run_builds_the_engines_prompt_and_checks_the_rewards(overrides, processor, small_parquet):
+    """The agent loop's prompt for row 0 (verl's dataset, agent loop and token builder, in the dry run) is the
+    engine's prompt; the rewards verl's reward loop gave the three sample completions are FingER's."""
+    report = verl_dry_run.dry_run(overrides, rows=1)
+    want = engine_inputs(processor, pd.read_parquet(small_parquet).to_dict("records")[0])
+    assert report.prompts == [want["input_ids"][0].tolist()]
+    truth = pd.read_parquet(small_parquet)["reward_model"][0]["ground_truth"]
+    for kind, (completion, acc, fmt) in verl_dry_run.sample_completions(truth).items():
+        assert report.rewards[kind] == {"score": acc + fmt, "acc": acc, "format": fmt}
+        assert evaluator.compute_score("d", completion, truth) == report.rewards[kind]
+    assert [report.rewards[k]["score"] for k in ("correct", "wrong", "malformed")] == [2.0, 1.0, 0.0]
+
+
+def test_dry_run_catches_a_reward_that_is_not_fingers(overrides, tmp_path):
+    module = tmp_path / "always_right.py"
+    module.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):\n"
+                      "    return {'score': 2.0, 'acc': 1.0, 'format': 1.0}\n")
+    with pytest.raises(verl_dry_run.DryRunError, match=r"rewards: train row 0: the wrong completion got "
+                                                       r"\{'score': 2.0, 'acc': 1.0, 'format': 1.0\}, FingER"):
+        verl_dry_run.dry_run(overrides + [f"reward.custom_reward_function.path={module}"], rows=1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["reward.custom_reward_function.path=pkg://finger_reward.integrations.no_such_module"],
+     r"reward: .*no_such_module.* \(reward.custom_reward_function path=pkg://finger_reward.integrations.no_such_module"),
+    (["reward.custom_reward_function.name=compute_scor"], r"reward: .*compute_scor"),
+    (["actor_rollout_ref.rollout.agent.default_agent_loop=finger_vide"],
+     r"agent loop: default_agent_loop 'finger_vide' is not defined; defined: .*finger_video"),
+    (["actor_rollout_ref.actor.kl_los_coef=0.1"], r"config: Could not override 'actor_rollout_ref.actor.kl_los_coef'"),
+    (["actor_rollout_ref.model.path=/no/such/model"], r"model: .*/no/such/model.*pass --model a local checkpoint"),
+])
+def test_dry_run_errors_name_the_check(overrides, extra, message):
+    with pytest.raises(verl_dry_run.DryRunError, match=message):
+        verl_dry_run.dry_run(overrides + extra)
+
+
+def test_dry_run_names_a_broken_parquet_row(overrides, small_parquet, tmp_path):
+    rows = pd.read_parquet(small_parquet).to_dict("records")
+    broken = tmp_path / "broken.parquet"
+    cases = [({"reward_model": {"style": "rule", "ground_truth": "Maybe"}},
+              r"row 2: reward_model.ground_truth must be 'Yes' or 'No', got 'Maybe'"),
+             ({"videos": [{**rows[2]["videos"][0], "video": str(tmp_path / "gone.mp4")}]},
+              rf"row 2: video file '{tmp_path}/gone.mp4' not found"),
+             ({"prompt": [{"role": "user", "content": "no video here"}]},
+              r"row 2: needs exactly one video and one <video> in the prompt; has 1 video\(s\) and 0 <video>")]
+    for change, message in cases:
+        pd.DataFrame(rows[:2] + [{**rows[2], **change}] + rows[3:]).to_parquet(broken, index=False)
+        with pytest.raises(verl_dry_run.DryRunError, match=rf"data: {broken} {message}"):
+            verl_dry_run.dry_run(overrides + [f"data.val_files={broken}"])
+
+
+def test_dry_run_exit_code_and_message(world, tiny_model_dir, tmp_path, capsys):
+    code = verl_grpo.main(["--config", str(YAML), "--model", str(tiny_model_dir), "--train", str(world.instruct_path),
+                           "--val", str(world.instruct_path), "--output_dir", str(tmp_path), "--dry-run",
+                           "reward.custom_reward_function.name=nope"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no command for a failed dry run
+    assert "verl_grpo: dry run failed: reward: " in captured.err and "name=nope" in captured.err
 
 
 def test_launcher_errors(world, tmp_path):
@@ -331,7 +433,8 @@ def test_launcher_errors(world, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="unknown key.*frames under 'finger'"):
         verl_grpo.build_command(path, **args)
-    with pytest.raises(AssertionError, match=r"real_train_batch_size \(128\) must be divisible"):  # validate_config
+    with pytest.raises(verl_dry_run.DryRunError,  # verl's validate_config
+                       match=r"config: real_train_batch_size \(128\) must be divisible.*\(verl's validate_config\)"):
         verl_grpo.build_command(YAML, **args, overrides=["trainer.n_gpus_per_node=3"])
 
 
@@ -369,7 +472,7 @@ def test_verl_computes_the_actors_positions_with_finger_reward_rope(world, tiny_
     assert torch.equal(got[0, 0], torch.arange(inputs["input_ids"].shape[1]))  # verl's 1-D text row
 
 
-def test_the_yaml_selects_the_agent_loop_and_the_launcher_points_verl_at_it(world, tmp_path, capsys, tiny_model_dir):
+def test_the_yaml_selects_the_agent_loop_and_the_launcher_points_verl_at_it(dry_run_output, tiny_model_dir):
     import hydra
     from transformers import AutoConfig, AutoProcessor
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
@@ -377,9 +480,7 @@ def test_the_yaml_selects_the_agent_loop_and_the_launcher_points_verl_at_it(worl
 
     from finger_reward.rope import RopeLayout, rope_positions
 
-    verl_grpo.main(["--config", str(YAML), "--train", str(world.instruct_path), "--val", str(world.instruct_path),
-                    "--output_dir", str(tmp_path / "run"), "--dry-run"])
-    config = verl_grpo.compose_verl(shlex.split(capsys.readouterr().out)[3:])
+    config = verl_grpo.compose_verl(shlex.split(dry_run_output[1])[3:])
     agent = config.actor_rollout_ref.rollout.agent
     assert agent.default_agent_loop == "finger_video"
     (entry,) = [e for e in OmegaConf.load(agent.agent_loop_config_path) if e.name == agent.default_agent_loop]

@@ -22,7 +22,6 @@ verl's rollouts need GPUs (vLLM); the dry run does not.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import re
 import shlex
@@ -163,13 +162,11 @@ def build_command(config: str | Path, *, model: str | None, train: str | Path, v
 
 
 def check(overrides: list[str]) -> None:
-    """What `main_ppo` does before starting Ray: compose the config and `validate_config` it."""
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
+    """What `main_ppo` does before starting Ray: compose the config and `validate_config` it
+    (`verl_dry_run.resolve_config`; a bad override raises DryRunError naming it)."""
+    from finger_reward.trainers.verl_dry_run import resolve_config
 
-    config = compose_verl(overrides)
-    with contextlib.redirect_stdout(sys.stderr):  # verl prints its verdict; stdout is for the command
-        validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    resolve_config(overrides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,7 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train", required=True, help="FingER-Instruct JSONL for training")
     parser.add_argument("--val", required=True, help="FingER-Instruct JSONL for validation")
     parser.add_argument("--output_dir", default=None, help="parquet, checkpoints and rollouts (default: the YAML's trainer.default_local_dir)")
-    parser.add_argument("--dry-run", action="store_true", help="convert the data, check the config, print the command; do not train")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="convert the data and check everything up to verl's first GPU call (config, model "
+                             "processor, reward, agent loop, rows, rewards of sample completions); print a summary "
+                             "(stderr) and the command (stdout); do not train")
+    parser.add_argument("--check-rows", type=int, default=1,
+                        help="with --dry-run: train rows run through verl's agent loop and reward loop (default 1)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for verl, e.g. trainer.n_gpus_per_node=8")
     return parser.parse_args(argv)
 
@@ -187,8 +189,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    command = build_command(args.config, model=args.model, train=args.train, val=args.val,
-                            output_dir=args.output_dir, overrides=args.overrides)
+    from finger_reward.trainers.verl_dry_run import DryRunError, dry_run
+
+    try:
+        command = build_command(args.config, model=args.model, train=args.train, val=args.val,
+                                output_dir=args.output_dir, overrides=args.overrides)
+        if args.dry_run:
+            print(dry_run(command[3:], rows=args.check_rows).summary(), file=sys.stderr)
+    except DryRunError as err:
+        print(f"verl_grpo: {'dry run' if args.dry_run else 'config check'} failed: {err}", file=sys.stderr)
+        return 1
     if args.dry_run:
         print(shlex.join(command))
         return 0
