@@ -189,3 +189,5 @@ def test_bad_input_is_refused(model_and_processor, clip_path):
         sample_group(model, prompt, G, max_new_tokens=2, temperature=0.0, eos_token_ids=[0], pad_token_id=0)
     with pytest.raises(ValueError, match="top_p"):
         sample_group(model, prompt, G, max_new_tokens=2, top_p=0.0, eos_token_ids=[0], pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        sample_group(model, prompt, G, max_new_tokens=2, eos_token_ids=[0], pad_token_id=None)

@@ -35,6 +35,8 @@ def sample_group(model, prompt_inputs: dict, num_generations: int, *, max_new_to
     """
     input_ids = prompt_inputs["input_ids"]
     _check(input_ids, prompt_inputs.get("attention_mask"), num_generations, max_new_tokens, temperature, top_p)
+    if pad_token_id is None:
+        raise ValueError("sample_group needs pad_token_id: rows that have ended are filled with it")
     processors = _sampling_processors(temperature, top_p, suppress_tokens, input_ids.device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
     prompt = with_rope_positions(model.config, prompt_inputs)
