@@ -5,7 +5,9 @@ replica waits for it), and behind it asks the application's `ResultStore`: a one
 reserved) holding finished answers for `ttl_s` seconds, at most `max_entries` of them and `max_bytes` of JSON.
 A replica killed after scoring but before answering has stored its answer, and the client's retry, sent to a
 surviving replica, gets it from there. A replica killed while scoring has stored nothing: the retry is scored
-once, elsewhere. The store is a cache: when it cannot be reached in `timeout_s`, a replica scores and answers
+once, elsewhere. Waiting for an attempt still in progress stays per replica: a retry that reaches another
+replica while the first one is alive and still scoring is scored there too (the store counts it in `duplicates`).
+The store is a cache: when it cannot be reached in `timeout_s`, a replica scores and answers
 without it (and logs why). Ray is not imported here; the deployment is built by `ray_app`.
 """
 
