@@ -289,7 +289,7 @@ class VideoSFTCollator:
         return tuple(self._load(video, record.source, frames) for video in (record.video, record.video_b))
 
     def _load(self, video: str, source: str, max_frames: int) -> Clip:
-        key = (video, max_frames)
+        key = video if max_frames == self.video_options["max_frames"] else (video, max_frames)  # a pair's videos have fewer frames
         clip = self._clips.get(key)
         if clip is not None:
             self._clips.move_to_end(key)
