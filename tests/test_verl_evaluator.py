@@ -408,6 +408,8 @@ def test_dry_run_names_a_broken_parquet_row(overrides, small_parquet, tmp_path):
         pd.DataFrame(rows[:2] + [{**rows[2], **change}] + rows[3:]).to_parquet(broken, index=False)
         with pytest.raises(verl_dry_run.DryRunError, match=rf"data: {broken} {message}"):
             verl_dry_run.dry_run(overrides + [f"data.val_files={broken}"])
+    with pytest.raises(verl_dry_run.DryRunError, match=rf"data: parquet file {tmp_path}/none.parquet not found"):
+        verl_dry_run.dry_run(overrides + [f"data.train_files={tmp_path}/none.parquet"])
 
 
 def test_dry_run_exit_code_and_message(world, tiny_model_dir, tmp_path, capsys):

@@ -156,7 +156,7 @@ def check_agent_loop(config) -> type:
         if entry is None:
             raise ValueError(f"default_agent_loop {name!r} is not defined; defined: "
                              f"{', '.join(sorted(set(entries) | set(_agent_loop_registry)))}")
-        return hydra.utils.get_class(entry._target_)
+        return hydra.utils.get_class(entry["_target_"])
 
 
 # ---- 5: the parquet rows -----------------------------------------------------------------------------
@@ -196,6 +196,8 @@ def read_rows(files) -> list[tuple[str, dict]]:
 
     out = []
     for path in [files] if isinstance(files, str) else list(files):
+        if not Path(path).is_file():
+            raise DryRunError("data", f"parquet file {path} not found")
         with failing_as("data", f" (reading {path})"):
             frame = pd.read_parquet(path)
         out += [(f"{path} row {i}", row) for i, row in enumerate(frame.to_dict("records"))]

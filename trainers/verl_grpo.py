@@ -10,13 +10,15 @@ prepares the run:
 2. every other key of the YAML -> a Hydra override of verl's ppo_trainer config, plus the model,
    data and output paths, plus the extra overrides given on the command line (those win);
 3. the overrides checked as verl's `main_ppo` checks them (Hydra composition, `validate_config`);
-4. `python -m verl.trainer.main_ppo <overrides>` in a subprocess (or, with --dry-run, printed).
+4. `python -m verl.trainer.main_ppo <overrides>` in a subprocess; or, with --dry-run, every check up to
+   verl's first GPU call (`trainers/verl_dry_run.py`: config, model processor, reward, agent loop, rows,
+   and verl's agent loop and reward loop on sample completions), a summary on stderr, the command on stdout.
 
     python -m finger_reward.trainers.verl_grpo --config configs/verl_grpo.yaml \
         --model Qwen/Qwen2.5-VL-7B-Instruct --train train.jsonl --val val.jsonl \
-        [--output_dir out/verl_grpo] [--dry-run] [trainer.n_gpus_per_node=8 ...]
+        [--output_dir out/verl_grpo] [--dry-run [--check-rows 1]] [trainer.n_gpus_per_node=8 ...]
 
-verl's rollouts need GPUs (vLLM); the dry run does not.
+verl 0.9.1 needs GPUs for a step (vLLM/SGLang/TRT-LLM rollouts, NCCL; README says exactly where); the dry run does not.
 """
 
 from __future__ import annotations
