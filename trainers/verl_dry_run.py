@@ -304,6 +304,8 @@ def check_rewards(output, kind: str, expected: tuple[str, float, float], weights
     _, acc, fmt = expected
     info = output.extra_fields.get("reward_extra_info") or {}
     got = {"score": output.reward_score, "acc": info.get("acc"), "format": info.get("format")}
+    if got["score"] is None:
+        raise DryRunError("rewards", f"{where}: verl's reward loop gave the {kind} completion no score")
     if got["acc"] is None or got["format"] is None:
         raise DryRunError("rewards", f"{where}: the reward function returned no 'acc'/'format' keys "
                                      "(FingER's reward is finger_reward.integrations.verl_evaluator.compute_score)")
