@@ -35,12 +35,35 @@ def evaluator_grpo(work_dir: Path, options: dict) -> None:
                work_dir / f"grpo-rank{trainer.parallel.rank}.pt")
 
 
+def allow_fsdp_on_cpu() -> None:
+    """accelerate 1.16 turns its FSDP plugin on only for accelerator backends (state.py lists MULTI_GPU,
+    MULTI_XPU, ...), so under ACCELERATE_USE_CPU the FSDP config would silently run as plain data
+    parallelism; this lets the same config shard on gloo, as it does on GPUs."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init_with_fsdp
+
+
 def main(loop: str, work: str, extra: str) -> None:
     from accelerate import PartialState
 
     work_dir = Path(work)
     if loop == "grpo-evaluator":
         return evaluator_grpo(work_dir, json.loads(extra))
+    if loop in ("sft", "sft-fsdp"):  # trainers/sft.py under `accelerate launch`, `extra`: its flags as a JSON list
+        from finger_reward.trainers.sft import main as sft_main
+
+        if loop == "sft-fsdp":
+            allow_fsdp_on_cpu()
+        sft_main(json.loads(extra))
+        return None
     pipe = build_tiny_wan_pipeline(seed=0)
     if loop == "dpo":
         from finger_reward.trainers.diffusion_dpo import DPORecipe, train

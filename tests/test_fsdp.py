@@ -1,14 +1,19 @@
-"""Sharded full fine-tuning (FSDP2) of the evaluator's GRPO loop on two CPU processes (gloo): the same
-steps as one process, sharded checkpoints that resume exactly, and a final model any process can load."""
+"""Sharded full fine-tuning (FSDP2) on two CPU processes (gloo): the evaluator's GRPO loop takes the same
+steps as one process, its sharded checkpoints resume exactly, and its final model loads anywhere; SFT under
+configs/accelerate_fsdp.yaml trains as plain data parallelism does."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_distributed import launch
+from tests.test_distributed import HARNESS, free_port, launch
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +88,45 @@ def test_fsdp_recipe_errors_name_the_fix(tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match="set lora or fsdp, not both"):
         GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True, lora=True)
     assert GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True).fsdp
+
+
+def accelerate_launch(loop: str, work, flags: list[str]) -> None:
+    """trainers/sft.py on two CPU processes under `accelerate launch --config_file configs/accelerate_fsdp.yaml`."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate_fsdp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(free_port()), str(HARNESS), loop, str(work), json.dumps(flags)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_sft_with_the_accelerate_fsdp_config_equals_data_parallel(tmp_path, tiny_model_dir):
+    """The shipped accelerate config shards SFT (sharded checkpoints) and trains exactly as plain data
+    parallelism on the same two processes: same losses, same final weights (lm_head included)."""
+    from safetensors.torch import load_file
+
+    from finger_reward.synthetic import make_world
+
+    world = make_world(tmp_path / "world", num_scenes=1)
+    flags = ["--model", str(tiny_model_dir), "--data", str(world.instruct_path), "--max_steps", "2", "--save_steps", "1",
+             "--max_frames", "4", "--logging_steps", "1", "--per_device_train_batch_size", "1", "--learning_rate", "1e-3"]
+    accelerate_launch("sft-fsdp", tmp_path, flags + ["--output_dir", str(tmp_path / "sharded")])
+    accelerate_launch("sft", tmp_path, flags + ["--output_dir", str(tmp_path / "plain")])
+
+    assert (tmp_path / "sharded" / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir()
+    assert (tmp_path / "plain" / "checkpoint-1" / "model.safetensors").is_file()
+    logs = [json.loads((tmp_path / run / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+            for run in ("sharded", "plain")]
+    for ours, theirs in zip(*logs, strict=True):
+        for key in ("loss", "grad_norm"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+    sharded, plain = (load_file(tmp_path / run / "model.safetensors") for run in ("sharded", "plain"))
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert sharded.keys() == plain.keys()
+    for name in plain:
+        atol = 1e-4 if name.endswith("k_proj.bias") else 1e-6  # see the GRPO test above
+        torch.testing.assert_close(sharded[name], plain[name], atol=atol, rtol=0, msg=name)
+    assert not torch.equal(sharded["lm_head.weight"], start["lm_head.weight"])
+    assert (tmp_path / "sharded" / "processor_config.json").is_file()

@@ -51,6 +51,7 @@ from finger_reward.prompts import MODES
 from finger_reward.recipes import parse_recipe
 from finger_reward.rope import with_rope_positions
 from finger_reward.scoring import rating_expectation
+from finger_reward.trainers import fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def sft_config(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(recipe.eval_steps or recipe.save_steps) if has_eval else None,
         gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # the variant FSDP2 supports
         dataloader_num_workers=recipe.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator
         report_to=recipe.report_to,
@@ -280,6 +282,12 @@ class VideoSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, rating_loss_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            # Under accelerate's FSDP config (configs/accelerate_fsdp.yaml) the model is sharded here, as the
+            # GRPO loop shards it (trainers/fsdp.py); accelerate then takes it as it is. accelerate 1.16's own
+            # FSDP2 wrapping gives lm_head a gradient that differs from the unsharded one (cosine 0.76 on the
+            # tiny model; every other weight agrees); this sharding matches plain data parallelism.
+            fsdp.shard(self.model, compute_dtype=torch.bfloat16 if self.args.bf16 else None)
         self.rating_loss_weight = rating_loss_weight
         self.rating_ids = getattr(self.data_collator, "rating_ids", None)
         if rating_loss_weight > 0 and self.rating_ids is None:
@@ -380,7 +388,13 @@ def train(recipe: SFTRecipe):
         if resume is None:
             raise ValueError(f"resume_from_checkpoint='last' but {recipe.output_dir} holds no checkpoint-* folder")
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(recipe.output_dir)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is written whole, as scoring loads it
+        state = fsdp.full_state_dict(trainer.model)  # every process takes part; process 0 gets the whole
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(recipe.output_dir, state_dict=state)
+            trainer.processing_class.save_pretrained(recipe.output_dir)
+    else:
+        trainer.save_model(recipe.output_dir)
     # How the model is to be asked: FingerReward.from_pretrained reads it (finger_reward.pretrained).
     write_scoring_defaults(recipe.output_dir, mode=recipe.mode, fps=recipe.fps, max_frames=recipe.max_frames,
                            max_pixels=recipe.max_pixels, slowfast=recipe.slowfast)
