@@ -158,8 +158,15 @@ def test_rollout_pads_and_masks_rows_that_end_early(tiny_model_dir, model_and_pr
     trainer = VideoGRPOTrainer(recipe, model=model, processor=processor, records=records)
     trainer.eos_ids = _ends(processor, fraction=0.15)
     prompt = trainer.prompt_inputs(records[0])
+    encoded = []  # patches per run of the vision tower: the video is encoded once for sampling, not G times
+    hook = model.model.visual.register_forward_pre_hook(lambda module, args: encoded.append(args[0].shape[0]))
     torch.manual_seed(7)
-    batch = trainer.rollout(records[0])
+    try:
+        batch = trainer.rollout(records[0])
+    finally:
+        hook.remove()
+    patches = prompt["pixel_values_videos"].shape[0]
+    assert encoded == [patches, G * patches]  # sampling, then the old-policy log-probabilities over the G rows
     P = batch["prompt_length"]
     assert P == prompt["input_ids"].shape[1]
     completions, mask = batch["input_ids"][:, P:], batch["completion_mask"]
