@@ -99,3 +99,21 @@ def test_grpo_rollout_benchmark_reports_both_paths_and_a_ratio():
     assert len(written) == 2 and all(0 < n <= 4 * 4 for n in written), out  # G rows x at most 4 tokens
     ratio = float(re.search(r"shared prefill / generate x G: ([0-9.]+)x", out).group(1))
     assert ratio > 0, out
+
+
+def test_grpo_memory_counts_the_7b_on_the_meta_device():
+    """7B counted without weights: sharding divides every per-parameter state by the GPU count, and the
+    activation count changes with the completions per forward (it is counted, not a constant)."""
+    def table(*args):
+        out = run_script("grpo_memory.py", *args)
+        return {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
+                for m in re.finditer(r"^(.{48}) +([0-9.]+) +([0-9.]+)", out, re.M)}
+
+    eight, one_row = table("--gpus", "8"), table("--gpus", "4", "--forward-batch-size", "1")
+    assert 8.2 < eight["parameters (billions)"][0] < 8.4  # Qwen2.5-VL-7B: 8.29B with its vision tower
+    for name in ("weights, fp32", "gradients, fp32", "AdamW states, fp32"):
+        plain, sharded = eight[name]
+        assert sharded == pytest.approx(plain / 8, abs=0.1) and one_row[name][1] == pytest.approx(plain / 4, abs=0.1)
+    assert eight["activations, 4 completion(s) per forward"][0] == pytest.approx(
+        4 * one_row["activations, 1 completion(s) per forward"][0], rel=0.02)
+    assert eight["PEAK PER GPU"][1] < 80 < eight["PEAK PER GPU"][0]  # fits an 80 GB GPU only when sharded
