@@ -85,9 +85,39 @@ def test_fsdp_recipe_errors_name_the_fix(tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
         GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="set lora or fsdp, not both"):
-        GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True, lora=True)
     assert GRPORecipe(model=str(tiny_model_dir), data="x.jsonl", fsdp=True).fsdp
+
+
+def test_sharded_lora_run_equals_one_process(tmp_path, tiny_model_dir):
+    """LoRA over a sharded base (the reference: adapters off), against one process taking both questions."""
+    from safetensors.torch import load_file
+
+    from finger_reward.synthetic import make_world
+    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
+
+    world = make_world(tmp_path / "world", num_scenes=1)
+    options = dict(model=str(tiny_model_dir), data=str(world.instruct_path), num_generations=4, max_completion_length=8,
+                   max_steps=2, learning_rate=1e-2, logging_steps=1, save_steps=0, max_frames=4, seed=1, lora=True,
+                   lora_r=4, lora_alpha=8, lora_target_modules="all-linear")
+    sharded = launch("grpo-evaluator", tmp_path, json.dumps({**options, "output_dir": str(tmp_path / "sharded"), "fsdp": True}),
+                     "grpo-rank{}.pt")
+
+    def length_reward(completions, **kwargs):  # as tests/distributed_run.py
+        return [len(c) / 10 for c in completions]
+
+    alone = build_trainer(GRPORecipe(**options, output_dir=str(tmp_path / "alone"), per_device_train_batch_size=2),
+                          reward_funcs=[length_reward]).train()
+    assert [row["completion"] for row in sharded[0]["completions"]] == [row["completion"] for row in alone.completions]
+    for ours, theirs in zip(sharded[0]["log"], alone.log_history, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
+        assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-4, abs=1e-7)
+    weights = dict(alone.model.named_parameters())
+    assert sharded[0]["weights"].keys() == {n for n, p in weights.items() if p.requires_grad}
+    for name, value in sharded[0]["weights"].items():
+        torch.testing.assert_close(value, weights[name].detach(), atol=1e-6, rtol=0, msg=name)
+    assert any(n.endswith("lora_B.default.weight") and v.abs().max() > 0 for n, v in sharded[0]["weights"].items())
+    adapter = load_file(tmp_path / "sharded" / "adapter_model.safetensors")  # written whole, as peft reads it
+    assert adapter and all("lora_" in name for name in adapter)
 
 
 def accelerate_launch(loop: str, work, flags: list[str]) -> None:

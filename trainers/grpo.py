@@ -153,9 +153,10 @@ class GRPORecipe:
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: str = field(default=LANGUAGE_MODEL_LINEARS, metadata={"help": "peft target_modules (regex or 'all-linear')"})
     freeze_vision: bool = field(default=False, metadata={"help": "full fine-tuning only: keep the vision tower fixed"})
-    fsdp: bool = field(default=False, metadata={"help": "full fine-tuning sharded over the torchrun processes (FSDP2, trainers/fsdp.py): "
-                                                       "fp32 weights, gradients, AdamW states and the reference model split N ways, "
-                                                       "compute in bf16 when bf16 is set; checkpoints are sharded (DCP)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the model over the torchrun processes (FSDP2, trainers/fsdp.py): for full "
+                                                       "fine-tuning fp32 weights, gradients, AdamW states and the reference model split N "
+                                                       "ways (with lora, the frozen base); compute in bf16 when bf16 is set; checkpoints "
+                                                       "are sharded (DCP)"})
 
     model_dtype: str = field(default="float32", metadata={"help": f"dtype of the loaded weights, one of {DTYPES}"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
@@ -178,8 +179,6 @@ class GRPORecipe:
             raise ValueError(f"need beta >= 0, epsilon > 0, num_iterations >= 1; got {self.beta}, {self.epsilon}, {self.num_iterations}")
         if self.model_dtype not in DTYPES:
             raise ValueError(f"model_dtype={self.model_dtype!r} is not one of {DTYPES}")
-        if self.fsdp and self.lora:
-            raise ValueError("fsdp shards full fine-tuning; LoRA adapters are small enough to train data-parallel: set lora or fsdp, not both")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
             raise ValueError("fsdp: true shards over processes: launch with torchrun --nproc_per_node N (N >= 2), or set fsdp: false")
         if self.lora and self.freeze_vision:
