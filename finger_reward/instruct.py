@@ -323,7 +323,7 @@ class VideoSFTCollator:
             row["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][0], torch.zeros_like(completion)])
         row["video"] = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if self.mos_range is not None:
-            has_mos = record.mos is not None
+            has_mos = getattr(record, "mos", None) is not None  # a preference record has none
             row["rating_position"] = len(prompt) + self._rating_offset(record, completion.tolist()) if has_mos else -1
             row["rating_target"] = normalised_mos(record.mos, *self.mos_range) if has_mos else math.nan
         return row
@@ -378,7 +378,7 @@ def _record(row: Any, index: int) -> InstructRecord:
         return row
     if not isinstance(row, dict):
         raise TypeError(f"batch item {index} is {type(row).__name__}; expected an InstructRecord, a PreferenceRecord or a dict row")
-    if "video_b" in row:
+    if row.get("video_b") is not None:  # a datasets.Dataset of mixed rows fills a question row's video_b with None
         from finger_reward.preference import PreferenceRecord
 
         return PreferenceRecord.from_dict(row)

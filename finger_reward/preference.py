@@ -2,7 +2,8 @@
 
 Training rows (`PreferenceRecord`, `load_preference`): FingER-Instruct lines with two video
 columns, `video` (Video A) and `video_b` (Video B), and `preferred` ("A"/"B"), trained with
-`rewards.preference_reward` (Eq. 7). Scoring results (`Comparison`): P(A better) per FingER
+`rewards.preference_reward` (Eq. 7). `load_training_records` reads question lines, preference
+lines or a mix of both (VQ-Insight trains on a mix), for SFT, GRPO and the cool-off alike. Scoring results (`Comparison`): P(A better) per FingER
 dimension from the restricted softmax over the single-token spellings of "A" and "B" (Eq. 1 with
 A/B in place of Yes/No), read at the answer position of the two-video prompt
 (`prompts.build_pair_messages`).
@@ -16,6 +17,7 @@ every sampled frame; longer ones are thinned evenly, and the model is told the l
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,10 +27,15 @@ from pathlib import Path
 import torch
 
 from finger_reward import prompts
-from finger_reward.instruct import InstructError, load_instruct
+from finger_reward.errors import FingerError
+from finger_reward.instruct import _YES_NO_WORD as YES_NO_WORD
+from finger_reward.instruct import _parse_row as parse_instruct_row
+from finger_reward.instruct import InstructError
 from finger_reward.jsonl import JsonlError, read_jsonl
 from finger_reward.questions.record import DIMENSIONS
 from finger_reward.scoring import overall_score
+
+logger = logging.getLogger(__name__)
 
 CHOICES = prompts.PAIR_LABELS  # ("A", "B")
 
@@ -120,51 +127,96 @@ def _choice(value) -> str | object:
     return value
 
 
-def load_preference(path: str | Path, *, video_root: str | Path | None = None) -> list[PreferenceRecord]:
+def load_preference(path: str | Path, *, mode: str | None = None,
+                    video_root: str | Path | None = None) -> list[PreferenceRecord]:
     """Read preference JSONL; a bad line raises `InstructError` naming the file, line and field.
 
-    Relative video paths are resolved against `video_root` (default: the JSONL's folder) and must exist.
+    Relative video paths are resolved against `video_root` (default: the JSONL's folder) and must
+    exist. With `mode="reason"` every line needs a non-empty reason (reason-mode SFT learns it).
     """
+    return _load(path, mode, video_root, pairs_only=True)
+
+
+def is_preference_row(row) -> bool:
+    """Whether a training JSONL line is a preference line: a JSON object with a `video_b` column."""
+    return isinstance(row, dict) and "video_b" in row
+
+
+def load_training_records(path: str | Path, *, mode: str | None = None,
+                          video_root: str | Path | None = None) -> list:
+    """FingER-Instruct question lines (`InstructRecord`), preference lines (with `video_b`:
+    `PreferenceRecord`) or a mix of both, in file order, as VQ-Insight trains on a mix.
+
+    Every line is checked as `instruct.load_instruct` checks a question line (errors name the file,
+    line and field; videos resolved against `video_root`, default the file's folder, and must
+    exist; with `mode="reason"` a non-empty reason on every line).
+    """
+    return _load(path, mode, video_root, pairs_only=False)
+
+
+def _load(path: str | Path, mode: str | None, video_root: str | Path | None, *, pairs_only: bool) -> list:
     path = Path(path)
+    if mode is not None:
+        prompts.check_mode(mode)
     if not path.is_file():
-        raise InstructError(f"preference file {path} not found")
+        raise InstructError(f"training file {path} not found")
     root = Path(video_root) if video_root is not None else path.parent
-    records, where = [], str(path)
+    records, with_yes_no, where = [], [], str(path)
     try:
         for where, row in read_jsonl(path):
-            record = PreferenceRecord.from_dict(row, source=where)
-            resolved = {}
-            for name in ("video", "video_b"):
-                video = Path(getattr(record, name))
-                video = video if video.is_absolute() else root / video
-                if not video.is_file():
-                    raise InstructError(f"field {name!r}: video {video} not found")
-                resolved[name] = str(video)
-            records.append(PreferenceRecord(**{**record.to_dict(), **resolved, "source": where}))
+            if pairs_only or is_preference_row(row):
+                records.append(_preference_row(row, where, root, mode))
+                continue
+            records.append(parse_instruct_row(row, where, root, mode))
+            if mode == "reason" and YES_NO_WORD.search(records[-1].reason):
+                with_yes_no.append(where)
     except JsonlError as err:
         raise InstructError(str(err)) from None
-    except InstructError as err:
+    except FingerError as err:
         raise InstructError(f"{where}: {err}") from None
     if not records:
         raise InstructError(f"{path} holds no records")
+    if with_yes_no:
+        logger.warning("%d question reason(s) contain the word Yes or No (first: %s); FingER's format reward gives "
+                       "such completions 0", len(with_yes_no), with_yes_no[0])
     return records
 
 
-def is_preference_file(path: str | Path) -> bool:
-    """Whether a training JSONL holds preference lines: its first line has a `video_b` column."""
-    try:
-        first = next(iter(read_jsonl(Path(path))), None)
-    except (JsonlError, OSError):
-        return False  # the question loader reports what is wrong with the file
-    return first is not None and isinstance(first[1], dict) and "video_b" in first[1]
+def _preference_row(row: dict, where: str, root: Path, mode: str | None) -> PreferenceRecord:
+    record = PreferenceRecord.from_dict(row, source=where)
+    resolved = {}
+    for name in ("video", "video_b"):
+        video = Path(getattr(record, name))
+        video = video if video.is_absolute() else root / video
+        if not video.is_file():
+            raise InstructError(f"field {name!r}: video {video} not found")
+        resolved[name] = str(video)
+    if mode == "reason" and not record.reason.strip():
+        raise InstructError("field 'reason' is empty; reason SFT needs a reason on every line")
+    return PreferenceRecord(**{**record.to_dict(), **resolved, "source": where})
 
 
-def load_training_records(path: str | Path, **options) -> list:
-    """FingER-Instruct question lines (`instruct.load_instruct`) or preference lines (`load_preference`);
-    the first line decides, and a file holds one kind."""
-    if is_preference_file(path):
-        return load_preference(path, **{k: v for k, v in options.items() if k == "video_root"})
-    return load_instruct(path, **options)
+def record_kind(record) -> str:
+    """"preference" (two videos), "rating" (Q-Save five levels) or "question" (FingER Yes/No)."""
+    if isinstance(record, PreferenceRecord):
+        return "preference"
+    return "rating" if getattr(record, "rating", None) is not None else "question"
+
+
+def check_reward_kinds(reward_funcs: Sequence, records: Sequence, *, data: str | Path | None = None) -> None:
+    """Refuse, before training, a reward that no record can use: `accuracy_reward` without a Yes/No
+    question, `preference_reward` without a preference pair. Each returns None (not applicable) on
+    the other kind's rows, so such a run would train nothing on that reward, silently."""
+    from finger_reward.rewards import accuracy_reward, preference_reward
+
+    kinds = {record_kind(r) for r in records}
+    needs = {accuracy_reward: ("question", "Yes/No question lines (question fields, video, answer)"),
+             preference_reward: ("preference", "preference lines (video, video_b, preferred)")}
+    for func in reward_funcs:
+        kind, lines = needs.get(func, (None, ""))
+        if kind is not None and kind not in kinds:
+            raise ValueError(f"{func.__name__} is a reward but {data or 'the training data'} holds no {lines}; it would "
+                             f"be None (not applicable) on every row. Remove it from reward_funcs or add such lines")
 
 
 def log_fields(record) -> dict:

@@ -7,6 +7,10 @@ completion is a string or a list of chat messages (the assistant contents are jo
 reward reads completions through `parse_completion`, the one parser of the contract
 `<reason>...</reason><answer>...</answer>`, so evaluation and reward cannot drift apart.
 
+Question rows (FingER Yes/No) and preference rows (VQ-Insight's two videos, a value in column
+`preferred`) may be mixed: `accuracy_reward` returns None on preference rows and
+`preference_reward` None on question rows (TRL's "not applicable"; trainers sum with nansum).
+
     trainer = GRPOTrainer(model=..., reward_funcs=[accuracy_reward, format_reward], ...)  # FingER Eq. 9
 """
 
@@ -100,16 +104,33 @@ def _normalise(value: Any, allowed: Sequence[str], column: str) -> str:
     raise ValueError(f"column {column!r} must hold one of {', '.join(allowed)} (any case), got {value!r}")
 
 
-def accuracy_reward(completions: Sequence, answer: Sequence[str] | None = None, log_extra=None, **kwargs) -> list[float]:
+def accuracy_reward(completions: Sequence, answer: Sequence[str | None] | None = None,
+                    preferred: Sequence[str | None] | None = None, log_extra=None, **kwargs) -> list[float | None]:
     """FingER Eq. 10: 1.0 when the text inside the one `<answer>` tag equals the ground truth
     (column `answer`, "Yes"/"No"; case-insensitive, whitespace-trimmed), else 0.0. An answer
     outside the tag, or two answer tags, scores 0. The parsed answers go to TRL's completions
-    table as `parsed_answer` when `log_extra` is given."""
-    truth = [_normalise(a, ("Yes", "No"), "answer") for a in _column("answer", answer, completions, "accuracy_reward")]
+    table as `parsed_answer` when `log_extra` is given.
+
+    Preference rows (a value in column `preferred`: VQ-Insight's two-video comparison, judged by
+    `preference_reward`) get None, TRL's "not applicable", so question and preference rows mix;
+    their `answer`, if any, is not read."""
+    questions = _question_rows(completions, preferred, "accuracy_reward")
+    truth: list[str | None] = [None] * len(completions)
+    if questions:  # a batch of preference rows alone needs no answer column
+        values = _column("answer", answer, completions, "accuracy_reward")
+        for i in questions:
+            truth[i] = _normalise(values[i], ("Yes", "No"), "answer")
     parsed = [parse_completion(c).answer for c in completions]
     if log_extra is not None:
         log_extra("parsed_answer", parsed)
-    return [float(p is not None and p.lower() == t) for p, t in zip(parsed, truth)]
+    return [None if t is None else float(p is not None and p.lower() == t) for p, t in zip(parsed, truth)]
+
+
+def _question_rows(completions: Sequence, preferred: Sequence | None, reward: str) -> list[int]:
+    """Indices of the rows that are not preference rows (no value in column `preferred`)."""
+    if preferred is None:
+        return list(range(len(completions)))
+    return [i for i, value in enumerate(_column("preferred", preferred, completions, reward)) if value is None]
 
 
 def format_reward(completions: Sequence, preferred: Sequence[str | None] | None = None, **kwargs) -> list[float]:
@@ -226,16 +247,30 @@ def _video_choice(text: str | None) -> str | None:
     return None if match is None else {"a": "A", "1": "A", "b": "B", "2": "B"}[match[1].lower()]
 
 
-def preference_reward(completions: Sequence, preferred: Sequence[str] | None = None, **kwargs) -> list[float]:
+def preference_reward(completions: Sequence, preferred: Sequence[str | None] | None = None,
+                      answer: Sequence[str | None] | None = None, **kwargs) -> list[float | None]:
     """VQ-Insight Eq. 7 (preference comparison): 1.0 when the answer tag names the preferred
     video, else 0.0. Column `preferred`: "A"/"B" (also "Video A", "video1"/"video2"); the answer
-    tag holds "A", "Video A", "video a." and the like; anything else scores 0."""
-    truths = []
-    for value in _column("preferred", preferred, completions, "preference_reward"):
-        truths.append(_video_choice(value) if isinstance(value, str) else None)
-        if truths[-1] is None:
-            raise ValueError(f"column 'preferred' must name video A or B ('A', 'Video B', 'video1', ...), got {value!r}")
-    return [float(_video_choice(parse_completion(c).answer) == t) for c, t in zip(completions, truths)]
+    tag holds "A", "Video A", "video a." and the like; anything else scores 0.
+
+    Question rows (`preferred` None, or no `preferred` column beside an `answer` column: a batch
+    of FingER questions alone) get None, TRL's "not applicable", so question and preference rows
+    mix. Without either column it raises, naming `preferred`."""
+    if preferred is None and answer is not None:
+        _column("answer", answer, completions, "preference_reward")  # the lengths must still agree
+        return [None] * len(completions)
+    values = _column("preferred", preferred, completions, "preference_reward")
+    rewards: list[float | None] = []
+    for completion, value in zip(completions, values):
+        if value is None:
+            rewards.append(None)
+            continue
+        truth = _video_choice(value) if isinstance(value, str) else None
+        if truth is None:
+            raise ValueError(f"column 'preferred' must name video A or B ('A', 'Video B', 'video1', ...) or be None "
+                             f"on a question row, got {value!r}")
+        rewards.append(float(_video_choice(parse_completion(completion).answer) == truth))
+    return rewards
 
 
 def rating_reward(completions: Sequence, rating: Sequence[str] | None = None, *, format_weight: float = 0.5,

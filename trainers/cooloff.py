@@ -5,7 +5,10 @@ steadies the RL model's scores. Here: read `completions.jsonl` of a trainers/grp
 each completion whose accuracy reward and format reward (FingER Eq. 10-11, recomputed with
 `finger_reward.rewards` from the logged text and ground truth) are both 1, and write one
 reason-mode FingER-Instruct line per kept completion: the question fields, video and answer of
-its record, and the completion's own reason. Every correct rollout is kept, repeats included, as
+its record, and the completion's own reason. A preference rollout (VQ-Insight's two videos, a
+`preferred` column) is judged by `preference_reward` (Eq. 7) and the A/B format instead, and
+becomes a preference line (prompt, dimension, video, video_b, preferred, reason); the SFT
+trainer reads the mixed file (`preference.load_training_records`). Every correct rollout is kept, repeats included, as
 the paper keeps "the correct data rolled out". Q-Save reorders its text to "Rating<think>...</think>";
 this project keeps its one completion contract, reason first, which the engine scores.
 
@@ -26,14 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from finger_reward.errors import FingerError
-from finger_reward.instruct import InstructError, InstructRecord, load_instruct
+from finger_reward.instruct import InstructError, InstructRecord
 from finger_reward.jsonl import JsonlError, read_jsonl
+from finger_reward.preference import PreferenceRecord, load_training_records
 from finger_reward.questions.record import QUESTION_FIELDS
-from finger_reward.rewards import accuracy_reward, format_reward, parse_completion
+from finger_reward.rewards import accuracy_reward, format_reward, parse_completion, preference_reward
 
 logger = logging.getLogger(__name__)
 
 COMPLETIONS_FILE = "completions.jsonl"
+PAIR_FIELDS = ("prompt", "dimension", "video", "video_b", "preferred")  # a preference rollout line's record fields
 
 
 def read_rollouts(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -53,22 +58,38 @@ def read_rollouts(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise InstructError(str(err)) from None
 
 
-def correct_rollouts(path: str | Path, *, data: str | Path | None = None) -> list[InstructRecord]:
-    """The rollouts with accuracy 1 and format 1, as reason-mode records (reason = the rollout's reason)."""
-    known = {(os.path.abspath(r.video), r.question): r for r in load_instruct(data)} if data is not None else {}
+def correct_rollouts(path: str | Path, *, data: str | Path | None = None) -> list[InstructRecord | PreferenceRecord]:
+    """The rollouts right and well formed, as reason-mode records (reason = the rollout's reason): a question
+    rollout with accuracy 1 and format 1, a preference rollout with preference 1 and (A/B) format 1."""
+    known = {} if data is None else {(os.path.abspath(r.video), r.question): r for r in load_training_records(data)
+                                     if not isinstance(r, PreferenceRecord)}
     kept, total = [], 0
     for where, row in read_rollouts(path):
         total += 1
-        completion = row["completion"]
-        if accuracy_reward([completion], answer=[row["answer"]]) != [1.0] or format_reward([completion]) != [1.0]:
+        if not is_correct(row):
             continue
+        reason = parse_completion(row["completion"]).reason
         try:
-            kept.append(InstructRecord(**_question_fields(row, where, known), video=row["video"], answer=row["answer"],
-                                       reason=parse_completion(completion).reason, source=where))
+            if row.get("preferred") is not None:
+                kept.append(PreferenceRecord(**{k: row[k] for k in PAIR_FIELDS}, reason=reason, source=where))
+            else:
+                kept.append(InstructRecord(**_question_fields(row, where, known), video=row["video"],
+                                           answer=row["answer"], reason=reason, source=where))
         except FingerError as err:
             raise InstructError(f"{where}: {err}") from None
     logger.info("%s: %d of %d rollouts are correct and well formed", path, len(kept), total)
     return kept
+
+
+def is_correct(row: dict) -> bool:
+    """Whether a rollout line is right and well formed, by the rewards GRPO trained it with (recomputed)."""
+    completion, preferred = [row["completion"]], row.get("preferred")
+    if preferred is not None:  # a preference rollout: VQ-Insight Eq. 7 and the two-video format
+        missing = [key for key in PAIR_FIELDS if key not in row]
+        if missing:
+            raise InstructError(f"a preference rollout line lacks field(s) {', '.join(missing)}")
+        return preference_reward(completion, preferred=[preferred]) == [1.0] == format_reward(completion, preferred=[preferred])
+    return accuracy_reward(completion, answer=[row["answer"]]) == [1.0] == format_reward(completion)
 
 
 def _question_fields(row: dict, where: str, known: dict) -> dict:
@@ -83,7 +104,8 @@ def _question_fields(row: dict, where: str, known: dict) -> dict:
 
 def write_cooloff(path: str | Path, out: str | Path, *, data: str | Path | None = None) -> Path:
     """Write the correct rollouts of `path` (a GRPO output_dir or its completions.jsonl) to `out` as
-    FingER-Instruct JSONL with absolute video paths, ready for `load_instruct(out, mode="reason")`."""
+    FingER-Instruct JSONL (question and preference lines) with absolute video paths, ready for
+    `preference.load_training_records(out, mode="reason")` (`load_instruct` when there are no pairs)."""
     records = correct_rollouts(path, data=data)
     if not records:
         raise InstructError(f"{path} holds no correct, well-formed rollout; there is nothing to cool off on")
@@ -91,8 +113,9 @@ def write_cooloff(path: str | Path, out: str | Path, *, data: str | Path | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for record in records:
-            row = {k: v for k, v in record.to_dict().items() if k != "source" and not (k == "mos" and v is None)}
-            f.write(json.dumps({**row, "video": os.path.abspath(record.video)}, ensure_ascii=False) + "\n")
+            row = {k: v for k, v in record.to_dict().items() if k != "source" and not (k in ("mos", "rating") and v is None)}
+            row.update({k: os.path.abspath(row[k]) for k in ("video", "video_b") if k in row})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     logger.info("wrote %d cool-off examples to %s", len(records), out)
     return out
 

@@ -45,7 +45,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from finger_reward.instruct import VideoSFTCollator, load_instruct
+from finger_reward.instruct import VideoSFTCollator
+from finger_reward.preference import PreferenceRecord, load_training_records
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.prompts import MODES
 from finger_reward.recipes import parse_recipe
@@ -64,7 +65,8 @@ class SFTRecipe:
     """Everything an SFT run needs; loadable from a flat YAML (configs/sft_*.yaml) with CLI overrides."""
 
     model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id of a Qwen2.5-VL / Qwen3-VL model"})
-    data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL for training (question fields, video, answer, reason)"})
+    data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL for training (question fields, video, answer, reason); "
+                                                                 "VQ-Insight preference lines (video, video_b, preferred, reason) may be mixed in"})
     eval_data: str | None = field(default=None, metadata={"help": "FingER-Instruct JSONL: eval loss every eval_steps, and answer accuracy "
                                                                       "(w/ and w/o prob) after training to output_dir/eval.json (optional)"})
     mode: str = field(default="answer", metadata={"help": "completion to learn: 'answer' (Yes/No) or 'reason' (<reason>..</reason><answer>..</answer>)"})
@@ -173,13 +175,21 @@ class SFTRecipe:
 
 
 def instruct_dataset(path: str, mode: str, *, need_mos: bool = False):
-    """Validate every line up front (errors name the file and line), then hand TRL a Dataset of rows."""
-    records = load_instruct(path, mode=mode)
-    logger.info("%s: %d examples about %d videos", path, len(records), len({r.video for r in records}))
-    if need_mos and all(r.mos is None for r in records):
+    """Validate every line up front (errors name the file and line), then hand TRL a Dataset of rows.
+
+    Question lines, VQ-Insight preference lines (two videos, `preferred`) or a mix of both
+    (`preference.load_training_records`), as GRPO reads them; a preference row learns the two-video
+    prompt's answer A/B (with its reason in reason mode)."""
+    records = load_training_records(path, mode=mode)
+    pairs = sum(isinstance(r, PreferenceRecord) for r in records)
+    logger.info("%s: %d examples (%d preference pairs) about %d videos", path, len(records), pairs,
+                len({v for r in records for v in getattr(r, "videos", (r.video,))}))
+    if need_mos and all(getattr(r, "mos", None) is None for r in records):
         raise ValueError(f"rating_loss_weight > 0 but no record of {path} has a 'mos'; add the MOS of rating "
                          "questions (Q-Save) or set rating_loss_weight to 0")
-    return Dataset.from_list([r.to_dict() for r in records])
+    rows = [r.to_dict() for r in records]
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # from_list keeps the first row's keys only
+    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
 
 
 # ---- 2. model: full fine-tuning, frozen vision tower, or LoRA -----------------------------------
@@ -361,14 +371,16 @@ def build_trainer(recipe: SFTRecipe) -> VideoSFTTrainer:
 def evaluate_accuracy(trainer: VideoSFTTrainer, recipe: SFTRecipe) -> dict | None:
     """Answer accuracy w/ and w/o prob on recipe.eval_data (main process only): output_dir/eval.json and the log.
 
-    Rating records (with `mos`) have no Yes/No answer; a file holding them is skipped with a warning."""
+    Rating records (with `mos`) and preference pairs have no Yes/No answer; a file holding them is
+    skipped with a warning (its eval loss is still logged)."""
     from finger_reward.evaluation.heldout import eval_metrics, evaluate_instruct, write_eval
 
     if not trainer.is_world_process_zero():
         return None
-    if any(r.mos is not None for r in load_instruct(recipe.eval_data)):
-        logger.warning("%s holds rating records (with 'mos'); answer accuracy is for Yes/No questions, skipped",
-                       recipe.eval_data)
+    if any(getattr(r, "mos", None) is not None or isinstance(r, PreferenceRecord)
+           for r in load_training_records(recipe.eval_data)):
+        logger.warning("%s holds rating records (with 'mos') or preference pairs; answer accuracy is for Yes/No "
+                       "questions, skipped", recipe.eval_data)
         return None
     result = evaluate_instruct(trainer.model, recipe.eval_data, processor=trainer.processing_class, mode=recipe.mode,
                                max_new_tokens=recipe.eval_max_new_tokens, fps=recipe.fps,
