@@ -81,7 +81,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from finger_reward.engine.inputs import placeholder_token_ids, processor_inputs
 from finger_reward.instruct import InstructRecord, VideoSFTCollator, load_instruct
-from finger_reward.preference import load_training_records, log_fields
+from finger_reward.preference import check_reward_kinds, load_training_records, log_fields
 from finger_reward.pretrained import as_slowfast, slowfast_threshold, write_scoring_defaults
 from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import (accuracy_reward, format_reward, length_reward, multi_dimension_reward,
@@ -314,7 +314,8 @@ class VideoGRPOTrainer:
         self.reward_weights = torch.tensor(reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs))
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
-        self.records = records if records is not None else load_training_records(recipe.data)  # questions or preference pairs
+        self.records = records if records is not None else load_training_records(recipe.data)  # questions, pairs or both
+        check_reward_kinds(self.reward_funcs, self.records, data=recipe.data)  # a reward no record can use fails now
         if rating_reward in self.reward_funcs:  # fail now, not mid-run, on a question without a rating
             unrated = [r.source or r.video for r in self.records if getattr(r, "rating", None) is None]
             if unrated:
@@ -452,13 +453,14 @@ class VideoGRPOTrainer:
         })
         for name, values in per_func.items():
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(values))
-            metrics[f"rewards/{name}/std"] = float(values[~values.isnan()].std()) if (~values.isnan()).sum() > 1 else 0.0
+            applicable = values[~values.isnan()]  # None (NaN): another kind of row, e.g. accuracy on a preference pair
+            metrics[f"rewards/{name}/std"] = float(applicable.std()) if len(applicable) > 1 else 0.0 if len(applicable) else math.nan
         batch["metrics"] = metrics
         # The question fields ride along so that correct rollouts become FingER-Instruct lines (SFT cool-off).
         question = log_fields(record)
         batch["log"] = [
             {"step": self.global_step, **question, "completion": text,
-             **{name: float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
+             **{name: None if v[i].isnan() else float(v[i]) for name, v in per_func.items()}, "reward": float(rewards[i]),
              "advantage": float(advantages[i]), **{k: v[i] for k, v in extra.items()}}
             for i, text in enumerate(texts)
         ]
@@ -771,11 +773,13 @@ class VideoGRPOTrainer:
 
 
 def _mean_metrics(groups: list[dict], step_metrics: dict[str, float]) -> dict[str, float]:
-    """An optimizer step's metrics: each rollout metric averaged over the step's groups, then the update's."""
+    """An optimizer step's metrics: each rollout metric averaged over the step's groups, then the update's.
+    A reward's NaN (no row of the group was of its kind) is left out, as TRL's nanmean leaves it out."""
     values: dict[str, list[float]] = defaultdict(list)
     for group in groups:
         for key, value in group["metrics"].items():
-            values[key].append(value)
+            if not (key.startswith("rewards/") and math.isnan(value)):
+                values[key].append(value)
     return {**{key: sum(v) / len(v) for key, v in values.items()}, **step_metrics}
 
 
