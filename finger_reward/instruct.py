@@ -178,17 +178,25 @@ def load_instruct(path: str | Path, *, mode: str | None = None, video_root: str 
     Relative video paths are resolved against `video_root` (default: the JSONL's folder) and
     must exist. With `mode="reason"` every line needs a non-empty reason.
     """
+    return read_records(path, _parse_row, mode=mode, video_root=video_root)
+
+
+def read_records(path: str | Path, parse_row, *, mode: str | None = None, video_root: str | Path | None = None,
+                 what: str = "FingER-Instruct file") -> list:
+    """Every line of a training JSONL as `parse_row(row, where, root, mode)` makes it a record; a bad line raises
+    `InstructError` naming the file and line (and the parser's field). Questions' reasons holding the word
+    Yes or No are counted into one warning, since FingER's format reward gives such completions 0."""
     path = Path(path)
     if mode is not None:
         prompts.check_mode(mode)
     if not path.is_file():
-        raise InstructError(f"FingER-Instruct file {path} not found")
+        raise InstructError(f"{what} {path} not found")
     root = Path(video_root) if video_root is not None else path.parent
     records, with_yes_no, where = [], [], str(path)
     try:
         for where, row in read_jsonl(path):
-            record = _parse_row(row, where, root, mode)
-            if mode == "reason" and _YES_NO_WORD.search(record.reason):
+            record = parse_row(row, where, root, mode)
+            if mode == "reason" and isinstance(record, InstructRecord) and _YES_NO_WORD.search(record.reason):
                 with_yes_no.append(where)
             records.append(record)
     except JsonlError as err:

@@ -17,7 +17,6 @@ every sampled frame; longer ones are thinned evenly, and the model is told the l
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,15 +26,10 @@ from pathlib import Path
 import torch
 
 from finger_reward import prompts
-from finger_reward.errors import FingerError
-from finger_reward.instruct import _YES_NO_WORD as YES_NO_WORD
 from finger_reward.instruct import _parse_row as parse_instruct_row
-from finger_reward.instruct import InstructError
-from finger_reward.jsonl import JsonlError, read_jsonl
+from finger_reward.instruct import InstructError, read_records
 from finger_reward.questions.record import DIMENSIONS
 from finger_reward.scoring import overall_score
-
-logger = logging.getLogger(__name__)
 
 CHOICES = prompts.PAIR_LABELS  # ("A", "B")
 
@@ -155,31 +149,12 @@ def load_training_records(path: str | Path, *, mode: str | None = None,
 
 
 def _load(path: str | Path, mode: str | None, video_root: str | Path | None, *, pairs_only: bool) -> list:
-    path = Path(path)
-    if mode is not None:
-        prompts.check_mode(mode)
-    if not path.is_file():
-        raise InstructError(f"training file {path} not found")
-    root = Path(video_root) if video_root is not None else path.parent
-    records, with_yes_no, where = [], [], str(path)
-    try:
-        for where, row in read_jsonl(path):
-            if pairs_only or is_preference_row(row):
-                records.append(_preference_row(row, where, root, mode))
-                continue
-            records.append(parse_instruct_row(row, where, root, mode))
-            if mode == "reason" and YES_NO_WORD.search(records[-1].reason):
-                with_yes_no.append(where)
-    except JsonlError as err:
-        raise InstructError(str(err)) from None
-    except FingerError as err:
-        raise InstructError(f"{where}: {err}") from None
-    if not records:
-        raise InstructError(f"{path} holds no records")
-    if with_yes_no:
-        logger.warning("%d question reason(s) contain the word Yes or No (first: %s); FingER's format reward gives "
-                       "such completions 0", len(with_yes_no), with_yes_no[0])
-    return records
+    def parse_row(row, where: str, root: Path, mode: str | None):
+        if pairs_only or is_preference_row(row):
+            return _preference_row(row, where, root, mode)
+        return parse_instruct_row(row, where, root, mode)
+
+    return read_records(path, parse_row, mode=mode, video_root=video_root, what="training file")
 
 
 def _preference_row(row: dict, where: str, root: Path, mode: str | None) -> PreferenceRecord:
