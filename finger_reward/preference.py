@@ -196,12 +196,14 @@ def check_reward_kinds(reward_funcs: Sequence, records: Sequence, *, data: str |
 
 def log_fields(record) -> dict:
     """A training record's fields in the GRPO rollout log: the question fields (or, for a preference
-    record, prompt, dimension, question and `preferred`), absolute video path(s) and the answer."""
+    record, prompt, dimension, question and `preferred`), absolute video path(s), the answer, and a
+    rating question's `rating` and `mos`."""
     if isinstance(record, PreferenceRecord):
         return {"prompt": record.prompt, "dimension": record.dimension, "question": record.question,
                 "video": os.path.abspath(record.video), "video_b": os.path.abspath(record.video_b),
                 "preferred": record.preferred, "answer": record.answer}
-    return {**record.as_question().to_dict(), "video": os.path.abspath(record.video), "answer": record.answer}
+    rating = {"rating": record.rating, "mos": record.mos} if record.rating is not None else {}  # Q-Save's level
+    return {**record.as_question().to_dict(), "video": os.path.abspath(record.video), "answer": record.answer, **rating}
 
 
 # ---- scoring results ------------------------------------------------------------------------------

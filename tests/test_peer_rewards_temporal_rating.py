@@ -232,3 +232,17 @@ def test_qsave_recipe_trains_with_rating_reward(tiny_model_dir, rating_path, tmp
     assert RATING_SYSTEM_PROMPTS["reason"] in text and SYSTEM_PROMPTS["reason"] not in text and record.question in text
     plain = dataclasses.replace(record, rating=None, mos=None, answer="Yes")
     assert SYSTEM_PROMPTS["reason"] in trainer.collator.prompt_text(plain)
+
+    # The SFT cool-off keeps exactly the rating rollouts at the full 1.5 and writes them back as rating lines.
+    from finger_reward.trainers.cooloff import write_cooloff
+
+    logged_rows = [json.loads(line) for line in (Path(recipe.output_dir) / "completions.jsonl").read_text().splitlines()]
+    assert all(row["rating"] == by_question[(row["video"], row["question"])].rating for row in logged_rows)
+    edits = [(f"<reason>Clean.</reason><answer>{logged_rows[0]['rating'].lower()}</answer>", True),
+             (f"<reason>Clean.</reason><answer>{wrong if logged_rows[0]['rating'] == record.rating else record.rating}</answer>", False),
+             (f"<answer>{logged_rows[0]['rating']}</answer>", False)]  # the right level without a reason
+    edited = tmp_path / "completions.jsonl"
+    edited.write_text("".join(json.dumps({**logged_rows[0], "completion": text}) + "\n" for text, _ in edits))
+    (kept,) = load_instruct(write_cooloff(edited, tmp_path / "cooloff.jsonl"), mode="reason")
+    source = by_question[(logged_rows[0]["video"], logged_rows[0]["question"])]
+    assert (kept.rating, kept.answer, kept.mos, kept.reason) == (source.rating, source.rating, source.mos, "Clean.")

@@ -7,8 +7,9 @@ each completion whose accuracy reward and format reward (FingER Eq. 10-11, recom
 reason-mode FingER-Instruct line per kept completion: the question fields, video and answer of
 its record, and the completion's own reason. A preference rollout (VQ-Insight's two videos, a
 `preferred` column) is judged by `preference_reward` (Eq. 7) and the A/B format instead, and
-becomes a preference line (prompt, dimension, video, video_b, preferred, reason); the SFT
-trainer reads the mixed file (`preference.load_training_records`). Every correct rollout is kept, repeats included, as
+becomes a preference line (prompt, dimension, video, video_b, preferred, reason); a Q-Save rating
+rollout (a `rating` column) is kept when `rating_reward` gives its full 1.5 (the right level, well
+formed) and keeps its rating and MOS. The SFT trainer reads the mixed file (`preference.load_training_records`). Every correct rollout is kept, repeats included, as
 the paper keeps "the correct data rolled out". Q-Save reorders its text to "Rating<think>...</think>";
 this project keeps its one completion contract, reason first, which the engine scores.
 
@@ -33,7 +34,7 @@ from finger_reward.instruct import InstructError, InstructRecord
 from finger_reward.jsonl import JsonlError, read_jsonl
 from finger_reward.preference import PreferenceRecord, load_training_records
 from finger_reward.questions.record import QUESTION_FIELDS
-from finger_reward.rewards import accuracy_reward, format_reward, parse_completion, preference_reward
+from finger_reward.rewards import accuracy_reward, format_reward, parse_completion, preference_reward, rating_reward
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def read_rollouts(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 def correct_rollouts(path: str | Path, *, data: str | Path | None = None) -> list[InstructRecord | PreferenceRecord]:
     """The rollouts right and well formed, as reason-mode records (reason = the rollout's reason): a question
-    rollout with accuracy 1 and format 1, a preference rollout with preference 1 and (A/B) format 1."""
+    rollout with accuracy 1 and format 1, a preference rollout with preference 1 and (A/B) format 1, a
+    rating rollout with rating reward 1.5."""
     known = {} if data is None else {(os.path.abspath(r.video), r.question): r for r in load_training_records(data)
                                      if not isinstance(r, PreferenceRecord)}
     kept, total = [], 0
@@ -73,8 +75,9 @@ def correct_rollouts(path: str | Path, *, data: str | Path | None = None) -> lis
             if row.get("preferred") is not None:
                 kept.append(PreferenceRecord(**{k: row[k] for k in PAIR_FIELDS}, reason=reason, source=where))
             else:
+                rating = {key: row.get(key) for key in ("rating", "mos")}
                 kept.append(InstructRecord(**_question_fields(row, where, known), video=row["video"],
-                                           answer=row["answer"], reason=reason, source=where))
+                                           answer=row["answer"], reason=reason, source=where, **rating))
         except FingerError as err:
             raise InstructError(f"{where}: {err}") from None
     logger.info("%s: %d of %d rollouts are correct and well formed", path, len(kept), total)
@@ -89,6 +92,8 @@ def is_correct(row: dict) -> bool:
         if missing:
             raise InstructError(f"a preference rollout line lacks field(s) {', '.join(missing)}")
         return preference_reward(completion, preferred=[preferred]) == [1.0] == format_reward(completion, preferred=[preferred])
+    if row.get("rating") is not None:  # a Q-Save rating rollout: the right level, well formed
+        return rating_reward(completion, rating=[row["rating"]]) == [1.5]
     return accuracy_reward(completion, answer=[row["answer"]]) == [1.0] == format_reward(completion)
 
 
