@@ -27,5 +27,6 @@ part .venv/bin/python benchmarks/engine.py --config 7b --videos 64 --modes answe
 part .venv/bin/python benchmarks/diffusers_loops.py --config wan1.3b --steps 3 --grad-accum 2
 part .venv/bin/python benchmarks/diffusers_loops.py --config ltx --steps 3 --grad-accum 2
 part .venv/bin/python benchmarks/grpo_rollout.py --config 7b --size 448 --seconds 8 --max-new-tokens 256  # issue 16: G=16 rollout, shared prefill vs generate
+part .venv/bin/python benchmarks/grpo_step.py --config 7b --size 448 --seconds 24 --completion 256  # a G=16 training pass, clip per forward vs per row
 echo "figures in $out ($failed part(s) failed)"
 exit "$failed"

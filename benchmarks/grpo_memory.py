@@ -96,7 +96,8 @@ def table(args) -> list[tuple[str, float, float]]:
     # Training forward of `rows` completions: checkpointed layer inputs + one layer recomputed, vision likewise,
     # float32 completion logits and their log-softmax (logits_to_keep: completion positions only).
     text = rows * length * (hidden * 2 * layers + per_token)
-    vision = rows * patches * (VISION["hidden_size"] * 2 * blocks + per_patch)
+    clips = 1 if args.share_video else rows  # trainers/shared_video.py: a forward's rows share one encoding
+    vision = clips * patches * (VISION["hidden_size"] * 2 * blocks + per_patch)
     logits = rows * (args.completion_tokens + 1) * TEXT["vocab_size"] * 4 * 2
     activations = text + vision + logits
     # Sampling: the KV cache of G rows (bf16 keys and values of every layer).
@@ -126,7 +127,8 @@ def table(args) -> list[tuple[str, float, float]]:
         ("PEAK PER GPU", max(train_peak[0], sample_peak[0]), max(train_peak[1], sample_peak[1])),
     ]
     print(f"Qwen2.5-VL-7B, {n} GPUs, G={args.generations}, {args.frames} frames at {args.pixels}x{args.pixels} -> "
-          f"{video_tokens} video tokens, sequence {length}; counted on the meta device: decoder layer "
+          f"{video_tokens} video tokens, sequence {length}, the clip encoded once per "
+          f"{'forward' if args.share_video else 'row'}; counted on the meta device: decoder layer "
           f"{per_token / 1e3:.0f} kB/token, vision block {per_patch / 1e3:.0f} kB/patch saved for backward")
     return rows_out
 
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--pixels", type=int, default=448, help="frame side under the 448x448 budget")
     parser.add_argument("--prompt-tokens", type=int, default=160, help="system turn, question and chat tags")
     parser.add_argument("--completion-tokens", type=int, default=256, help="max_completion_length")
+    parser.add_argument("--no-share-video", dest="share_video", action="store_false",
+                        help="count the vision tower once per row (recipe share_video: false) instead of once per forward")
     args = parser.parse_args(argv)
     rows = table(args)
     print(f"{'GB per GPU':48s} {'data parallel':>14s} {'FSDP x' + str(args.gpus):>12s} {'ratio':>7s}")

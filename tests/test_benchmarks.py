@@ -101,6 +101,16 @@ def test_grpo_rollout_benchmark_reports_both_paths_and_a_ratio():
     assert ratio > 0, out
 
 
+@pytest.mark.slow
+def test_grpo_step_benchmark_shares_the_clip_without_changing_log_probabilities():
+    out = run_script("grpo_step.py", "--config", "tiny", "--size", "56", "--seconds", "2", "--completion", "4",
+                     "--generations", "4", "--forward-batch-size", "2", "--repeats", "1")
+    rows = dict(re.findall(r"(clip per row|clip per forward): ([0-9.]+) s/group", out))
+    assert set(rows) == {"clip per row", "clip per forward"} and all(float(v) > 0 for v in rows.values()), out
+    assert float(re.search(r"max \|d log p\| clip per forward vs per row = ([0-9.e+-]+)", out).group(1)) < 1e-5, out
+    assert float(re.search(r"clip per forward / clip per row: ([0-9.]+)x", out).group(1)) > 0, out
+
+
 def test_grpo_memory_counts_the_7b_on_the_meta_device():
     """7B counted without weights: sharding divides every per-parameter state by the GPU count, and the
     activation count changes with the completions per forward (it is counted, not a constant)."""
@@ -110,10 +120,14 @@ def test_grpo_memory_counts_the_7b_on_the_meta_device():
                 for m in re.finditer(r"^(.{48}) +([0-9.]+) +([0-9.]+)", out, re.M)}
 
     eight, one_row = table("--gpus", "8"), table("--gpus", "4", "--forward-batch-size", "1")
+    per_row = table("--gpus", "8", "--no-share-video")
     assert 8.2 < eight["parameters (billions)"][0] < 8.4  # Qwen2.5-VL-7B: 8.29B with its vision tower
     for name in ("weights, fp32", "gradients, fp32", "AdamW states, fp32"):
         plain, sharded = eight[name]
         assert sharded == pytest.approx(plain / 8, abs=0.1) and one_row[name][1] == pytest.approx(plain / 4, abs=0.1)
-    assert eight["activations, 4 completion(s) per forward"][0] == pytest.approx(
+    assert per_row["activations, 4 completion(s) per forward"][0] == pytest.approx(
         4 * one_row["activations, 1 completion(s) per forward"][0], rel=0.02)
+    # Sharing the clip over a forward's rows: the vision tower's activations are one row's, the decoder's four.
+    assert eight["of which vision tower"] == one_row["of which vision tower"]
+    assert eight["of which decoder"][0] == pytest.approx(4 * one_row["of which decoder"][0], rel=0.02)
     assert eight["PEAK PER GPU"][1] < 80 < eight["PEAK PER GPU"][0]  # fits an 80 GB GPU only when sharded

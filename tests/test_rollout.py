@@ -166,7 +166,7 @@ def test_rollout_pads_and_masks_rows_that_end_early(tiny_model_dir, model_and_pr
     finally:
         hook.remove()
     patches = prompt["pixel_values_videos"].shape[0]
-    assert encoded == [patches, G * patches]  # sampling, then the old-policy log-probabilities over the G rows
+    assert encoded == [patches, patches]  # sampling, then the old-policy log-probabilities (trainers/shared_video.py)
     P = batch["prompt_length"]
     assert P == prompt["input_ids"].shape[1]
     completions, mask = batch["input_ids"][:, P:], batch["completion_mask"]

@@ -87,7 +87,8 @@ from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import (accuracy_reward, format_reward, length_reward, multi_dimension_reward,
                                    preference_reward, rating_reward, temporal_reward)
 from finger_reward.rope import with_rope_positions
-from finger_reward.trainers import fsdp
+from finger_reward.trainers import fsdp, shared_video
+from finger_reward.trainers.shared_video import PER_VIDEO_KEYS
 from finger_reward.trainers.data_parallel import DataParallel
 from finger_reward.trainers.resume import resolve_checkpoint, rewind_log, rng_state, set_rng_state
 from finger_reward.trainers.rollout import sample_group
@@ -138,6 +139,9 @@ class GRPORecipe:
     slowfast: float | None = field(default=None, metadata={"help": "Q-Save SlowFast frames with this patch similarity threshold in "
                                                                      "(0, 1] (Q-Save: 0.9), as scoring samples them; None: plain frames. "
                                                                      "Written to finger_reward.json, so scoring follows"})
+    share_video: bool = field(default=True, metadata={"help": "encode a forward's clip once for all its rows (they show the same "
+                                                              "video): the vision tower's cost and activations / rows; "
+                                                              "false: once per row, as a plain forward does"})
     clip_cache: int = field(default=0, metadata={"help": "keep this many decoded videos in memory (0: decode every time); for small data sets trained for many epochs"})
 
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy_reward", "format_reward"], metadata={
@@ -255,7 +259,6 @@ def load_model(recipe: GRPORecipe):
     return model, processor
 
 
-PER_VIDEO_KEYS = ("video_grid_thw", "second_per_grid_ts")  # one entry per video block, not per row
 
 
 def _select_rows(batch: dict, rows: slice) -> dict:
@@ -516,7 +519,14 @@ class VideoGRPOTrainer:
         # Logits of the completion positions only: over a video prompt of thousands of tokens the full
         # (rows, length, vocabulary) logits would be the largest tensor of the step.
         keep = inputs["input_ids"].shape[1] - prompt_length + 1
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1].float() / self.args.temperature
+        rows = inputs["input_ids"].shape[0]
+        if self.recipe.share_video and rows > 1 and "pixel_values_videos" in inputs and shared_video.shares_video(model):
+            # The rows show one clip: encode it once, every row gets its features (trainers/shared_video.py).
+            with shared_video.encode_once(model, rows):
+                logits = model(**shared_video.one_row_of_video(inputs, rows), use_cache=False, logits_to_keep=keep).logits
+        else:
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        logits = logits[:, :-1].float() / self.args.temperature
         targets = inputs["input_ids"][:, prompt_length:]
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 

@@ -1,0 +1,105 @@
+"""GRPO training pass over a group: the clip encoded once per row against once per forward, one process.
+
+    python benchmarks/grpo_step.py                                  # CPU: the "small" model, G=16, 4 rows per forward
+    python benchmarks/grpo_step.py --config tiny --size 56 --seconds 2 --completion 4 --repeats 1   # seconds
+    python benchmarks/grpo_step.py --config 7b --size 448 --seconds 24 --completion 256   # GPU only
+
+A group of G completions of one question about one real .mp4 clip (as benchmarks/grpo_rollout.py builds
+it), in forwards of `--forward-batch-size` rows, each with a backward pass of the summed log-probabilities:
+the work of `VideoGRPOTrainer.compute_loss` over a group. The baseline gives every row its own copy of the
+video (`share_video: false`, a plain forward); the other encodes each forward's clip once and gives its
+features to every row (`trainers/shared_video.py`, the default). Prints seconds per group (median of
+`--repeats`, alternating), peak memory, the largest difference of the log-probabilities, and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import build
+from finger_reward.engine import default_device_dtype
+from finger_reward.rope import with_rope_positions
+from finger_reward.synthetic import random_scene, render, write_video
+from finger_reward.tiny import build_processor
+from finger_reward.trainers.grpo import _select_rows
+from finger_reward.trainers.shared_video import encode_once, one_row_of_video
+from grpo_rollout import prompt_inputs, timed
+from measure import device_name
+
+
+def group_inputs(single: dict, generations: int, completion: int, vocab: int) -> dict:
+    """The prompt repeated for G rows, each followed by `completion` random tokens, with rope positions."""
+    rows = {k: v.repeat(generations, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
+            for k, v in single.items()}
+    tail = torch.randint(0, vocab, (generations, completion), device=single["input_ids"].device)
+    rows["input_ids"] = torch.cat([rows["input_ids"], tail], 1)
+    rows["attention_mask"] = torch.ones_like(rows["input_ids"])
+    if "mm_token_type_ids" in rows:
+        rows["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(tail)], 1)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["tiny", "small", "7b"], default="small")
+    parser.add_argument("--generations", type=int, default=16, help="G, completions per question (paper: 16)")
+    parser.add_argument("--forward-batch-size", type=int, default=4, help="rows per forward (configs/grpo_*.yaml: 4)")
+    parser.add_argument("--size", type=int, default=336, help="frame pixel budget is size x size (paper: 448)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="clip length; sampled at 2 fps")
+    parser.add_argument("--completion", type=int, default=32, help="completion tokens per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median), after one warm-up")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device, dtype = default_device_dtype(args.device)
+    if args.config == "7b" and device.type != "cuda":
+        parser.error("--config 7b needs a CUDA GPU (about 17 GB of bf16 weights)")
+    processor = build_processor()
+    model = build(args.config, processor, device, dtype, None).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = render(random_scene(np.random.default_rng(0)), num_frames=int(args.seconds * 8), height=args.size,
+                        width=args.size)
+        single = prompt_inputs(processor, write_video(frames, Path(tmp) / "clip.mp4", fps=8), args.size, device)
+    torch.manual_seed(0)
+    group = group_inputs(single, args.generations, args.completion, len(processor.tokenizer))
+    P, G, size = single["input_ids"].shape[1], args.generations, args.forward_batch_size
+
+    def pass_over_group(share: bool):
+        logps = []
+        for start in range(0, G, size):
+            part = with_rope_positions(model.config, _select_rows(group, slice(start, min(start + size, G))))
+            rows = part["input_ids"].shape[0]
+            keep = part["input_ids"].shape[1] - P + 1
+            if share:
+                with encode_once(model, rows):
+                    logits = model(**one_row_of_video(part, rows), use_cache=False, logits_to_keep=keep).logits
+            else:
+                logits = model(**part, use_cache=False, logits_to_keep=keep).logits
+            chosen = logits[:, :-1].float().log_softmax(-1).gather(-1, part["input_ids"][:, P:, None]).squeeze(-1)
+            chosen.sum().backward()
+            logps.append(chosen.detach())
+        model.zero_grad(set_to_none=True)
+        return torch.cat(logps)
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"config={args.config} params={params / 1e6:.1f}M device={device} ({device_name(device)}) dtype={dtype} G={G} "
+          f"rows per forward={size} prompt={P} tokens (grid {single['video_grid_thw'][0].tolist()}) + {args.completion}")
+    runs = timed({"clip per row": lambda: pass_over_group(False), "clip per forward": lambda: pass_over_group(True)},
+                 args.repeats, device)
+    for name, (seconds, memory, _) in runs.items():
+        print(f"{name}: {seconds:.3f} s/group (forward + backward), peak memory {memory:.0f} MiB")
+    gap = (runs["clip per row"][2] - runs["clip per forward"][2]).abs().max().item()
+    print(f"max |d log p| clip per forward vs per row = {gap:.2e}")
+    print(f"clip per forward / clip per row: {runs['clip per row'][0] / runs['clip per forward'][0]:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
