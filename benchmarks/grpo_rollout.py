@@ -46,6 +46,34 @@ def prompt_inputs(processor, path: Path, size: int, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
+def group_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every GRPO-group benchmark takes: model, G, clip, repeats, threads, device."""
+    parser.add_argument("--config", choices=["tiny", "small", "7b"], default="small")
+    parser.add_argument("--generations", type=int, default=16, help="G, completions per question (paper: 16)")
+    parser.add_argument("--size", type=int, default=336, help="frame pixel budget is size x size (paper: 448)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="clip length; sampled at 2 fps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median), after one warm-up")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device")
+
+
+def group_setup(parser: argparse.ArgumentParser, args):
+    """(device, dtype, processor, model, prompt): the random model of `--config` and the trainer's prompt about a
+    real .mp4 clip of `--seconds` (batch 1)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = default_device_dtype(args.device)
+    if args.config == "7b" and device.type != "cuda":
+        parser.error("--config 7b needs a CUDA GPU (about 17 GB of bf16 weights)")
+    processor = build_processor()
+    model = build(args.config, processor, device, dtype, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = render(random_scene(np.random.default_rng(0)), num_frames=int(args.seconds * 8), height=args.size,
+                        width=args.size)
+        single = prompt_inputs(processor, write_video(frames, Path(tmp) / "clip.mp4", fps=8), args.size, device)
+    return device, dtype, processor, model, single
+
+
 def timed(runs: dict, repeats: int, device) -> dict[str, tuple[float, float, torch.Tensor]]:
     """Per named `run()`: (median seconds, peak MiB, last output), after one warm-up call each.
 
@@ -71,34 +99,18 @@ def timed(runs: dict, repeats: int, device) -> dict[str, tuple[float, float, tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["tiny", "small", "7b"], default="small")
-    parser.add_argument("--generations", type=int, default=16, help="G, completions per question (paper: 16)")
-    parser.add_argument("--size", type=int, default=336, help="frame pixel budget is size x size (paper: 448)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="clip length; sampled at 2 fps")
+    group_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median), after one warm-up")
     parser.add_argument("--seed", type=int, default=0, help="torch seed before the sampling runs")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device, dtype = default_device_dtype(args.device)
-    if args.config == "7b" and device.type != "cuda":
-        parser.error("--config 7b needs a CUDA GPU (about 17 GB of bf16 weights)")
-    processor = build_processor()
-    model = build(args.config, processor, device, dtype, None).eval()
+    device, dtype, processor, model, single = group_setup(parser, args)
+    model.eval()
     tokenizer = processor.tokenizer
     ends, pad = [tokenizer.convert_tokens_to_ids("<|im_end|>")], tokenizer.pad_token_id
     options = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
     suppressed = placeholder_token_ids(processor)
     G = args.generations
 
-    with tempfile.TemporaryDirectory() as tmp:
-        frames = render(random_scene(np.random.default_rng(0)), num_frames=int(args.seconds * 8), height=args.size,
-                        width=args.size)
-        single = prompt_inputs(processor, write_video(frames, Path(tmp) / "clip.mp4", fps=8), args.size, device)
     repeated = {k: v.repeat(G, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v for k, v in single.items()}
     P = single["input_ids"].shape[1]
     video_tokens = int((single["input_ids"] == processor.video_token_id).sum())

@@ -15,25 +15,18 @@ features to every row (`trainers/shared_video.py`, the default). Prints seconds 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from engine import build
-from finger_reward.engine import default_device_dtype
 from finger_reward.rope import with_rope_positions
-from finger_reward.synthetic import random_scene, render, write_video
-from finger_reward.tiny import build_processor
 from finger_reward.trainers.grpo import _select_rows
 from finger_reward.trainers.shared_video import encode_once, one_row_of_video
-from grpo_rollout import prompt_inputs, timed
+from grpo_rollout import group_arguments, group_setup, timed
 from measure import device_name
 
 
 def group_inputs(single: dict, generations: int, completion: int, vocab: int) -> dict:
-    """The prompt repeated for G rows, each followed by `completion` random tokens, with rope positions."""
+    """The prompt repeated for G rows, each followed by `completion` random tokens (positions come per forward)."""
     rows = {k: v.repeat(generations, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
             for k, v in single.items()}
     tail = torch.randint(0, vocab, (generations, completion), device=single["input_ids"].device)
@@ -46,28 +39,12 @@ def group_inputs(single: dict, generations: int, completion: int, vocab: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["tiny", "small", "7b"], default="small")
-    parser.add_argument("--generations", type=int, default=16, help="G, completions per question (paper: 16)")
+    group_arguments(parser)
     parser.add_argument("--forward-batch-size", type=int, default=4, help="rows per forward (configs/grpo_*.yaml: 4)")
-    parser.add_argument("--size", type=int, default=336, help="frame pixel budget is size x size (paper: 448)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="clip length; sampled at 2 fps")
     parser.add_argument("--completion", type=int, default=32, help="completion tokens per row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median), after one warm-up")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device, dtype = default_device_dtype(args.device)
-    if args.config == "7b" and device.type != "cuda":
-        parser.error("--config 7b needs a CUDA GPU (about 17 GB of bf16 weights)")
-    processor = build_processor()
-    model = build(args.config, processor, device, dtype, None).train()
-    with tempfile.TemporaryDirectory() as tmp:
-        frames = render(random_scene(np.random.default_rng(0)), num_frames=int(args.seconds * 8), height=args.size,
-                        width=args.size)
-        single = prompt_inputs(processor, write_video(frames, Path(tmp) / "clip.mp4", fps=8), args.size, device)
+    device, dtype, processor, model, single = group_setup(parser, args)
+    model.train()
     torch.manual_seed(0)
     group = group_inputs(single, args.generations, args.completion, len(processor.tokenizer))
     P, G, size = single["input_ids"].shape[1], args.generations, args.forward_batch_size

@@ -51,3 +51,11 @@ def write_bank(path, prompts):
     questions = [Question(p, dim, "thing", f"Q{k} about {p} in {dim}?", k % 2 == 0)
                  for p in prompts for k, dim in enumerate(DIMENSIONS)]
     return QuestionBank(questions).to_jsonl(path)
+
+
+def direct_scores(model_dir, bank_path, videos, prompts) -> dict:
+    """What the service must answer, computed without it: {(video path, prompt): VideoScore}."""
+    from finger_reward import FingerReward
+
+    reward = FingerReward.from_pretrained(model_dir, questions=bank_path)
+    return {(str(p), prompt): reward.score([p], prompt)[0] for p in videos for prompt in prompts}

@@ -18,11 +18,22 @@ from tests.test_distributed import HARNESS, free_port, launch
 pytestmark = pytest.mark.slow
 
 
+def one_process(options: dict, output_dir):
+    """The 2-process run's steps in one process: both questions of each step, the length reward of
+    tests/distributed_run.py."""
+    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
+
+    def length_reward(completions, **kwargs):
+        return [len(c) / 10 for c in completions]
+
+    recipe = GRPORecipe(**options, output_dir=str(output_dir), per_device_train_batch_size=2)
+    return build_trainer(recipe, reward_funcs=[length_reward]).train()
+
+
 def test_sharded_run_equals_one_process_and_resumes_exactly(tmp_path, tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
     from finger_reward.synthetic import make_world
-    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
 
     world = make_world(tmp_path / "world", num_scenes=1)
     options = dict(model=str(tiny_model_dir), data=str(world.instruct_path), num_generations=4, max_completion_length=8,
@@ -34,11 +45,7 @@ def test_sharded_run_equals_one_process_and_resumes_exactly(tmp_path, tiny_model
                      "grpo-rank{}.pt")
     # One process taking both questions of each step: the same questions, the same samples (each question's
     # completions have a seed of their own), so the same losses and weights up to float rounding.
-    def length_reward(completions, **kwargs):  # as tests/distributed_run.py
-        return [len(c) / 10 for c in completions]
-
-    alone = build_trainer(GRPORecipe(**options, output_dir=str(tmp_path / "alone"), per_device_train_batch_size=2),
-                          reward_funcs=[length_reward]).train()
+    alone = one_process(options, tmp_path / "alone")
 
     assert [row["completion"] for row in sharded[0]["completions"]] == [row["completion"] for row in alone.completions]
     for ours, theirs in zip(sharded[0]["log"], alone.log_history, strict=True):
@@ -89,7 +96,6 @@ def test_sharded_lora_run_equals_one_process(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     from finger_reward.synthetic import make_world
-    from finger_reward.trainers.grpo import GRPORecipe, build_trainer
 
     world = make_world(tmp_path / "world", num_scenes=1)
     held_out = tmp_path / "world" / "held_out.jsonl"  # evaluated on process 0 with the shards gathered
@@ -99,12 +105,7 @@ def test_sharded_lora_run_equals_one_process(tmp_path, tiny_model_dir):
                    lora_r=4, lora_alpha=8, lora_target_modules="all-linear", eval_data=str(held_out))
     sharded = launch("grpo-evaluator", tmp_path, json.dumps({**options, "output_dir": str(tmp_path / "sharded"), "fsdp": True}),
                      "grpo-rank{}.pt")
-
-    def length_reward(completions, **kwargs):  # as tests/distributed_run.py
-        return [len(c) / 10 for c in completions]
-
-    alone = build_trainer(GRPORecipe(**options, output_dir=str(tmp_path / "alone"), per_device_train_batch_size=2),
-                          reward_funcs=[length_reward]).train()
+    alone = one_process(options, tmp_path / "alone")
     assert [row["completion"] for row in sharded[0]["completions"]] == [row["completion"] for row in alone.completions]
     for ours, theirs in zip(sharded[0]["log"][:2], alone.log_history[:2], strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)

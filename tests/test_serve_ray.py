@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from finger_reward import FingerReward
 from tests import serve_checks
 from tests.serve_checks import corrupt_video_fails_alone
 from finger_reward.serve import FingerRewardClient, ServeConfig
@@ -64,8 +63,7 @@ def allowed_dir(tmp_path_factory, mp4_paths):
 @pytest.fixture(scope="module")
 def direct(tiny_model_dir, bank_path, mp4_paths):
     """Expected results, computed without the service."""
-    reward = FingerReward.from_pretrained(tiny_model_dir, questions=bank_path)
-    return {(str(p), prompt): reward.score([p], prompt)[0] for p in mp4_paths for prompt in PROMPTS}
+    return serve_checks.direct_scores(tiny_model_dir, bank_path, mp4_paths, PROMPTS)
 
 
 @pytest.fixture(scope="module")

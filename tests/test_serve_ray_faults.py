@@ -14,7 +14,6 @@ import time
 import httpx
 import pytest
 
-from finger_reward import FingerReward
 from finger_reward.serve.api import RequestError, ResultCache
 from finger_reward.serve.ray_cache import ResultStore, SharedResults
 from finger_reward.serve import FingerRewardClient, ServeConfig
@@ -107,8 +106,7 @@ def bank_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(tiny_model_dir, bank_path, mp4_paths):
     """Expected results, computed without the service."""
-    reward = FingerReward.from_pretrained(tiny_model_dir, questions=bank_path)
-    return {(str(p), prompt): reward.score([p], prompt)[0] for p in mp4_paths for prompt in PROMPTS}
+    return serve_checks.direct_scores(tiny_model_dir, bank_path, mp4_paths, PROMPTS)
 
 
 @pytest.fixture(scope="module")
