@@ -20,7 +20,7 @@ import torch
 
 from finger_reward.rope import with_rope_positions
 from finger_reward.trainers.grpo import _select_rows
-from finger_reward.trainers.shared_video import encode_once, one_row_of_video
+from finger_reward.trainers.shared_video import forward_logits
 from grpo_rollout import group_arguments, group_setup, timed
 from measure import device_name
 
@@ -53,13 +53,8 @@ def main() -> None:
         logps = []
         for start in range(0, G, size):
             part = with_rope_positions(model.config, _select_rows(group, slice(start, min(start + size, G))))
-            rows = part["input_ids"].shape[0]
             keep = part["input_ids"].shape[1] - P + 1
-            if share:
-                with encode_once(model, rows):
-                    logits = model(**one_row_of_video(part, rows), use_cache=False, logits_to_keep=keep).logits
-            else:
-                logits = model(**part, use_cache=False, logits_to_keep=keep).logits
+            logits = forward_logits(model, part, logits_to_keep=keep, share=share)
             chosen = logits[:, :-1].float().log_softmax(-1).gather(-1, part["input_ids"][:, P:, None]).squeeze(-1)
             chosen.sum().backward()
             logps.append(chosen.detach())

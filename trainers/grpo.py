@@ -84,7 +84,7 @@ from finger_reward.recipes import parse_recipe
 from finger_reward.rewards import rating_reward
 from finger_reward.rope import with_rope_positions
 from finger_reward.trainers import fsdp, shared_video
-from finger_reward.trainers.shared_video import PER_VIDEO_KEYS
+from finger_reward.trainers.shared_video import VIDEO_KEYS, videos_of_rows
 from finger_reward.trainers.data_parallel import DataParallel
 # The recipe lives in its own module; importing it from here stays the way in.
 from finger_reward.trainers.grpo_recipe import DTYPES, LANGUAGE_MODEL_LINEARS, REWARD_FUNCS, GRPORecipe, grpo_config  # noqa: F401
@@ -93,7 +93,6 @@ from finger_reward.trainers.rollout import sample_group
 
 logger = logging.getLogger(__name__)
 
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 MODE = "reason"  # GRPO trains the reasoning format; the prompt is the engine's reason-mode prompt
 # HF Trainer's checkpoint file names, plus the loop's own position.
 OPTIMIZER_NAME, SCHEDULER_NAME, RNG_STATE_NAME = "optimizer.pt", "scheduler.pt", "rng_state.pth"
@@ -117,29 +116,13 @@ def load_model(recipe: GRPORecipe):
     return model, processor
 
 
-
-
 def _select_rows(batch: dict, rows: slice) -> dict:
-    """Rows `rows` of a rollout batch, with the video tensors of exactly those rows.
-
-    Every row holds the same prompt, so the same number of video blocks: one, or two for a
-    SlowFast clip (its slow and fast pathways), each with its own grid row and patches.
-    """
-    out = {}
-    grid = batch["video_grid_thw"]
-    blocks = grid.shape[0] // batch["input_ids"].shape[0]
-    first, last = rows.start * blocks, rows.stop * blocks
-    patches = torch.cat([grid.new_zeros(1), grid.prod(dim=-1).cumsum(0)])
-    for key, value in batch.items():
-        if key == "pixel_values_videos":
-            out[key] = value[patches[first]: patches[last]]
-        elif key in PER_VIDEO_KEYS and isinstance(value, torch.Tensor):
-            out[key] = value[first:last]
-        elif isinstance(value, torch.Tensor) and value.dim() > 0:
-            out[key] = value[rows]
-        else:
-            out[key] = value
-    return out
+    """Rows `rows` of a rollout batch, with the video tensors of exactly those rows (`shared_video.videos_of_rows`:
+    every row holds the same prompt, so the same video blocks)."""
+    videos = videos_of_rows(batch, rows, batch["input_ids"].shape[0])
+    out = {key: value[rows] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+           for key, value in batch.items() if key not in videos}
+    return {**out, **videos}
 
 
 class VideoGRPOTrainer:
@@ -377,13 +360,8 @@ class VideoGRPOTrainer:
         # Logits of the completion positions only: over a video prompt of thousands of tokens the full
         # (rows, length, vocabulary) logits would be the largest tensor of the step.
         keep = inputs["input_ids"].shape[1] - prompt_length + 1
-        rows = inputs["input_ids"].shape[0]
-        if self.recipe.share_video and rows > 1 and "pixel_values_videos" in inputs and shared_video.shares_video(model):
-            # The rows show one clip: encode it once, every row gets its features (trainers/shared_video.py).
-            with shared_video.encode_once(model, rows):
-                logits = model(**shared_video.one_row_of_video(inputs, rows), use_cache=False, logits_to_keep=keep).logits
-        else:
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        # The rows show one clip: encoded once, every row gets its features (trainers/shared_video.py).
+        logits = shared_video.forward_logits(model, inputs, logits_to_keep=keep, share=self.recipe.share_video)
         logits = logits[:, :-1].float() / self.args.temperature
         targets = inputs["input_ids"][:, prompt_length:]
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

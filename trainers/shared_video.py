@@ -9,6 +9,7 @@ paper's settings the tower's activations are about half the step's (benchmarks/g
 `encode_once(model, rows)` makes that happen inside the model's own forward: the model gets one row's video
 tensors, and its video features are repeated for the `rows` rows before they fill the video tokens. So a sharded
 (FSDP) model, whose embedding and vision parameters are gathered only inside its forward, works alike.
+`forward_logits` is the forward every GRPO pass takes, sharing the clip where it can.
 Qwen2-VL and Qwen2.5-VL only: Qwen3-VL's video features carry deepstack layers, which are not repeated here.
 """
 
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 PER_VIDEO_KEYS = ("video_grid_thw", "second_per_grid_ts")  # one entry per video block, not per row
 
 
@@ -28,17 +30,33 @@ def shares_video(model) -> bool:
     return getattr(model.config, "model_type", None) in SUPPORTED
 
 
-def one_row_of_video(inputs: dict, rows: int) -> dict:
-    """`inputs` with the video tensors of its first row only (every row shows the same videos, in the same
-    order: one block, or two for a SlowFast clip or a preference pair)."""
+def videos_of_rows(inputs: dict, rows: slice, total: int) -> dict:
+    """The video tensors of rows `rows` of `inputs`' `total` rows, where every row holds the same number of video
+    blocks (one, or two for a SlowFast clip or a preference pair), each with its grid row and patches."""
     grid = inputs["video_grid_thw"]
-    blocks = grid.shape[0] // rows
-    if blocks * rows != grid.shape[0]:
-        raise ValueError(f"{grid.shape[0]} video blocks do not split evenly over {rows} rows")
-    patches = int(grid[:blocks].prod(dim=-1).sum())
-    out = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][:patches])
-    out.update({key: inputs[key][:blocks] for key in PER_VIDEO_KEYS if isinstance(inputs.get(key), torch.Tensor)})
+    blocks = grid.shape[0] // total
+    if blocks * total != grid.shape[0]:
+        raise ValueError(f"{grid.shape[0]} video blocks do not split evenly over {total} rows")
+    first, last = rows.start * blocks, rows.stop * blocks
+    patches = torch.cat([grid.new_zeros(1), grid.prod(dim=-1).cumsum(0)])
+    out = {"pixel_values_videos": inputs["pixel_values_videos"][patches[first]: patches[last]]}
+    out.update({key: inputs[key][first:last] for key in PER_VIDEO_KEYS if isinstance(inputs.get(key), torch.Tensor)})
     return out
+
+
+def one_row_of_video(inputs: dict, rows: int) -> dict:
+    """`inputs` with the video tensors of its first row only (every row shows the same videos, in the same order)."""
+    return {**inputs, **videos_of_rows(inputs, slice(0, 1), rows)}
+
+
+def forward_logits(model, inputs: dict, *, logits_to_keep: int, share: bool = True) -> torch.Tensor:
+    """`model`'s logits at the last `logits_to_keep` positions of `inputs` (positions included). With `share`, rows
+    that show one clip (a GRPO group's) encode it once (`encode_once`), where the architecture allows."""
+    rows = inputs["input_ids"].shape[0]
+    if share and rows > 1 and "pixel_values_videos" in inputs and shares_video(model):
+        with encode_once(model, rows):
+            return model(**one_row_of_video(inputs, rows), use_cache=False, logits_to_keep=logits_to_keep).logits
+    return model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
 
 
 def _vision_language_model(model):

@@ -18,8 +18,7 @@ from finger_reward.instruct import InstructRecord, rating_token_ids
 from finger_reward.rope import with_rope_positions
 from finger_reward.scoring import answer_token_ids
 from finger_reward.temporal import answer_stem, correct_answer_probability, shuffle_clip
-
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+from finger_reward.trainers.shared_video import VIDEO_KEYS, forward_logits, videos_of_rows
 
 
 def shuffle_seed(seed: int, step: int, record: InstructRecord) -> str:
@@ -64,13 +63,9 @@ def temporal_pass(trainer, record: InstructRecord, batch: dict, texts: list[str]
 
 def _first_prompt(batch: dict) -> dict:
     """The prompt of a rollout batch as one row: its ids, masks and the first row's video blocks."""
-    P, rows = batch["prompt_length"], batch["input_ids"].shape[0]
-    blocks = batch["video_grid_thw"].shape[0] // rows
-    patches = int(batch["video_grid_thw"][:blocks].prod(dim=-1).sum())
+    P = batch["prompt_length"]
     prompt = {k: batch[k][:1, :P] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
-    prompt["pixel_values_videos"] = batch["pixel_values_videos"][:patches]
-    prompt.update({k: batch[k][:blocks] for k in ("video_grid_thw", "second_per_grid_ts") if k in batch})
-    return prompt
+    return {**prompt, **videos_of_rows(batch, slice(0, 1), batch["input_ids"].shape[0])}
 
 
 def _decode(trainer, completion_ids: torch.Tensor) -> list[str]:
@@ -98,7 +93,7 @@ def answer_probabilities(trainer, prompt: dict, stems: list[str], answer: str) -
 
 def _last_logits(trainer, prompt: dict, stems: list[list[int]]) -> torch.Tensor:
     """Next-token logits after prompt + each stem (stems right-padded; rows read at their own end)."""
-    n, P, width = len(stems), prompt["input_ids"].shape[1], max(len(s) for s in stems)
+    n, width = len(stems), max(len(s) for s in stems)
     device = prompt["input_ids"].device
     tail = torch.full((n, width), trainer.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -111,8 +106,8 @@ def _last_logits(trainer, prompt: dict, stems: list[list[int]]) -> torch.Tensor:
     for key in VIDEO_KEYS:
         if key in prompt:
             inputs[key] = prompt[key].repeat(n, *([1] * (prompt[key].dim() - 1)))
-    with trainer._autocast():
-        logits = trainer.model(**with_rope_positions(trainer.model.config, inputs), use_cache=False,
-                               logits_to_keep=width + 1).logits
+    with trainer._autocast():  # the rows show one clip: encoded once where the recipe shares it
+        logits = forward_logits(trainer.model, with_rope_positions(trainer.model.config, inputs),
+                                logits_to_keep=width + 1, share=trainer.recipe.share_video)
     last = torch.tensor([len(s) for s in stems], device=device)  # position of each row's last stem token in the kept logits
     return logits[torch.arange(n, device=device), last].float()
