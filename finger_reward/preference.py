@@ -181,9 +181,15 @@ def record_kind(record) -> str:
 def check_reward_kinds(reward_funcs: Sequence, records: Sequence, *, data: str | Path | None = None) -> None:
     """Refuse, before training, a reward that no record can use: `accuracy_reward` without a Yes/No
     question, `preference_reward` without a preference pair. Each returns None (not applicable) on
-    the other kind's rows, so such a run would train nothing on that reward, silently."""
-    from finger_reward.rewards import accuracy_reward, preference_reward
+    the other kind's rows, so such a run would train nothing on that reward, silently. And
+    `rating_reward`, which needs a rating on every record, with one missing (not mid-run)."""
+    from finger_reward.rewards import accuracy_reward, preference_reward, rating_reward
 
+    if rating_reward in reward_funcs:
+        unrated = [r.source or r.video for r in records if getattr(r, "rating", None) is None]
+        if unrated:
+            raise ValueError(f"rating_reward needs a 'rating' (or 'mos') on every record; {len(unrated)} have none, "
+                             f"first: {unrated[0]}")
     kinds = {record_kind(r) for r in records}
     needs = {accuracy_reward: ("question", "Yes/No question lines (question fields, video, answer)"),
              preference_reward: ("preference", "preference lines (video, video_b, preferred)")}

@@ -81,7 +81,6 @@ from finger_reward.instruct import InstructRecord, VideoSFTCollator
 from finger_reward.preference import check_reward_kinds, load_training_records, log_fields
 from finger_reward.pretrained import as_slowfast, write_scoring_defaults
 from finger_reward.recipes import parse_recipe
-from finger_reward.rewards import rating_reward
 from finger_reward.rope import with_rope_positions
 from finger_reward.trainers import fsdp, shared_video
 from finger_reward.trainers.shared_video import VIDEO_KEYS, videos_of_rows
@@ -159,12 +158,7 @@ class VideoGRPOTrainer:
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(self.reward_weights)} weights")
         self.records = records if records is not None else load_training_records(recipe.data)  # questions, pairs or both
-        check_reward_kinds(self.reward_funcs, self.records, data=recipe.data)  # a reward no record can use fails now
-        if rating_reward in self.reward_funcs:  # fail now, not mid-run, on a question without a rating
-            unrated = [r.source or r.video for r in self.records if getattr(r, "rating", None) is None]
-            if unrated:
-                raise ValueError(f"rating_reward needs a 'rating' (or 'mos') on every record; {len(unrated)} have none, "
-                                 f"first: {unrated[0]}")
+        check_reward_kinds(self.reward_funcs, self.records, data=recipe.data)  # a reward the records cannot feed fails now
         if len(self.records) < self.parallel.world_size:
             raise ValueError(f"{len(self.records)} record(s) cannot give each of {self.parallel.world_size} processes its own question")
         self.parallel.broadcast_parameters(self.model)
