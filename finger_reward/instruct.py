@@ -215,13 +215,24 @@ def read_records(path: str | Path, parse_row, *, mode: str | None = None, video_
 
 def _parse_row(row, where: str, root: Path, mode: str | None) -> InstructRecord:
     record = InstructRecord.from_dict(row, source=where)
-    video = Path(record.video)
-    video = video if video.is_absolute() else root / video
-    if not video.is_file():
-        raise InstructError(f"video {video} not found")
-    if mode == "reason" and not record.reason.strip():
+    video = resolve_video(record.video, root)
+    check_reason(record.reason, mode)
+    return InstructRecord(**{**record.to_dict(), "video": video, "source": where})
+
+
+def resolve_video(video: str, root: Path, field: str | None = None) -> str:
+    """A training line's video path, resolved against `root` when relative; the file must exist."""
+    path = Path(video)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise InstructError((f"field {field!r}: " if field else "") + f"video {path} not found")
+    return str(path)
+
+
+def check_reason(reason: str, mode: str | None) -> None:
+    """Reason-mode SFT learns the reason: a line without one is refused."""
+    if mode == "reason" and not reason.strip():
         raise InstructError("field 'reason' is empty; reason SFT needs a reason on every line")
-    return InstructRecord(**{**record.to_dict(), "video": str(video), "source": where})
 
 
 def completion_text(record: InstructRecord, mode: str) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from finger_reward import prompts
 from finger_reward.instruct import _parse_row as parse_instruct_row
-from finger_reward.instruct import InstructError, read_records
+from finger_reward.instruct import InstructError, check_reason, read_records, resolve_video
 from finger_reward.questions.record import DIMENSIONS
 from finger_reward.scoring import overall_score
 
@@ -159,15 +159,8 @@ def _load(path: str | Path, mode: str | None, video_root: str | Path | None, *, 
 
 def _preference_row(row: dict, where: str, root: Path, mode: str | None) -> PreferenceRecord:
     record = PreferenceRecord.from_dict(row, source=where)
-    resolved = {}
-    for name in ("video", "video_b"):
-        video = Path(getattr(record, name))
-        video = video if video.is_absolute() else root / video
-        if not video.is_file():
-            raise InstructError(f"field {name!r}: video {video} not found")
-        resolved[name] = str(video)
-    if mode == "reason" and not record.reason.strip():
-        raise InstructError("field 'reason' is empty; reason SFT needs a reason on every line")
+    resolved = {name: resolve_video(getattr(record, name), root, name) for name in ("video", "video_b")}
+    check_reason(record.reason, mode)
     return PreferenceRecord(**{**record.to_dict(), **resolved, "source": where})
 
 
