@@ -188,7 +188,7 @@ class ResultCache:
         entry = self._entries.get(key)
         if entry is not None:
             if entry[1] != digest:
-                raise RequestError(422, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different body")
+                raise reused_key(key)
             self.hits += 1
             task = entry[2]
         else:
@@ -210,6 +210,11 @@ class ResultCache:
             if (now - born < self.ttl_s and len(self._entries) <= self.max_entries) or not task.done():
                 break
             del self._entries[key]
+
+
+def reused_key(key: str) -> RequestError:
+    """The 422 for an idempotency key sent again with another body (the local cache's and the shared store's)."""
+    return RequestError(422, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different body")
 
 
 def _validation_message(err) -> str:

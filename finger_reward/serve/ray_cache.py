@@ -21,7 +21,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from finger_reward.results import json_safe
-from finger_reward.serve.api import IDEMPOTENCY_HEADER, RequestError, ResultCache
+from finger_reward.serve.api import ResultCache, reused_key
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SharedResults:
     async def _shared_or_run(self, key: str, digest: bytes, run: Callable[[], Awaitable]):
         found, answer = await self._call("get", key, digest) or (MISS, None)
         if found == CONFLICT:
-            raise RequestError(422, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different body")
+            raise reused_key(key)
         if found == HIT:
             self.shared_hits += 1
             status, payload, videos = json.loads(answer)
